@@ -1,0 +1,38 @@
+"""SAN (2 stacked attention hops) on easy-VQA: the default configuration.
+
+  python -m ucam_jax.main --config=configs/san.py
+  python -m ucam_jax.main --config=configs/san.py --config.num_epochs=1 --config.batch_size=128
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Data.
+  config.dataset = 'easy_vqa'
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS default directory.
+  config.max_question_length = 10  # easy-VQA questions have at most 9 words.
+  config.questions_per_image = 8  # Training groups: one image with up to this many questions.
+  config.data_threads = 2
+
+  # Model: see ucam_jax/models/san.py.
+  config.model = ml_collections.ConfigDict(dict(
+      name='san', stem_features=(16, 32, 64), grid_convs=1, embed_dim=32, hidden_dim=64,
+      attention_dim=32, num_hops=2, classifier_dim=128, dropout_rate=0.1))
+
+  # Optimisation.
+  config.seed = 0
+  config.batch_size = 32  # Question groups (images) per training batch: ~190 questions.
+  config.eval_batch_size = 256
+  config.learning_rate = 2e-3
+  config.final_learning_rate_factor = 0.01  # Cosine decay to this fraction of the peak.
+  config.num_epochs = 10.0
+  config.num_train_steps = 0  # > 0 overrides num_epochs.
+
+  # Bookkeeping.
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.checkpoints_to_keep = 2
+  config.stop_at_step = 0  # > 0: checkpoint and stop there (e.g. a time-limited job); rerun resumes.
+  return config

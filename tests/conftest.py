@@ -1,0 +1,56 @@
+"""Shared fixtures. Tests run on 8 fake CPU devices, so data parallelism is always exercised."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from configs import san  # noqa: E402
+from ucam_jax import input_pipeline  # noqa: E402
+from ucam_jax.datasets import easy_vqa  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """easy-VQA built once for the whole test session."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='session')
+def builder(data_dir):
+  config = tiny_config(data_dir)
+  return input_pipeline.get_builder(config)
+
+
+def tiny_config(data_dir, **overrides):
+  """configs/san.py shrunk to run in seconds."""
+  config = san.get_config()
+  config.data_dir = data_dir
+  config.model.stem_features = (8, 16)
+  config.model.update(embed_dim=16, hidden_dim=32, attention_dim=16, classifier_dim=32)
+  config.update(batch_size=8, eval_batch_size=512, num_train_steps=20, log_every_steps=5,
+                checkpoint_every_steps=10)
+  config.update(overrides)
+  return config
+
+
+def make_source_dir(root, num_images=3, questions_per_image=2):
+  """A small copy of the easy-VQA package data: the same file layout, a few images."""
+  real = easy_vqa.default_source_dir()
+  os.makedirs(root)
+  shutil.copy(os.path.join(real, 'answers.txt'), root)
+  for split in ('train', 'test'):
+    with open(os.path.join(real, split, 'questions.json')) as f:
+      questions = json.load(f)
+    kept = [q for i in range(num_images) for q in [q for q in questions if q[2] == i][:questions_per_image]]
+    os.makedirs(os.path.join(root, split, 'images'))
+    with open(os.path.join(root, split, 'questions.json'), 'w') as f:
+      json.dump(kept, f)
+    for image_id in range(num_images):
+      shutil.copy(os.path.join(real, split, 'images', f'{image_id}.png'),
+                  os.path.join(root, split, 'images'))
+  return str(root)

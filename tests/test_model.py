@@ -1,0 +1,128 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from ucam_jax import models, sharding, train
+
+
+def _batch(batch_size=16, seed=0):
+  """Per-question model inputs."""
+  rng = np.random.default_rng(seed)
+  return {'image': rng.integers(0, 256, (batch_size, 64, 64, 3), dtype=np.uint8),
+          'question': rng.integers(2, 20, (batch_size, 12)).astype(np.int32),
+          'length': rng.integers(1, 13, batch_size).astype(np.int32),
+          'answer': rng.integers(0, 13, batch_size).astype(np.int32)}
+
+
+def _groups(batch_size=8, group_size=3, seed=0):
+  """A training batch: batch_size images, each with group_size questions, some padding."""
+  rng = np.random.default_rng(seed)
+  batch = _batch(batch_size * group_size, seed)
+  grouped = {k: v.reshape(batch_size, group_size, *v.shape[1:]) for k, v in batch.items()
+             if k != 'image'}
+  grouped['image'] = batch['image'][:batch_size]
+  grouped['weight'] = (rng.random((batch_size, group_size)) < 0.8).astype(np.float32)
+  grouped['weight'][:, 0] = 1.0
+  return grouped
+
+
+def _state(config, num_steps=100):
+  model = models.get_model(config, vocab_size=20, num_answers=13)
+  return train.create_train_state(config, model, num_steps, _groups())
+
+
+def test_output_shapes_and_stages():
+  config = tiny_config(None)
+  state = _state(config)
+  batch = _batch()
+  logits, attention = state.apply_fn(state.params, batch['image'], batch['question'],
+                                     batch['length'])
+  assert logits.shape == (16, 13)
+  assert attention.shape == (16, 2, 16, 16)  # Two hops over a 64 / 4 grid (two stride-2 convs).
+  np.testing.assert_allclose(attention.sum((-1, -2)), 1.0, rtol=1e-5)
+  # The stages compose to the full model.
+  model = models.get_model(config, vocab_size=20, num_answers=13)
+  v = model.apply(state.params, batch['image'], method='encode_image')
+  q, words = model.apply(state.params, batch['question'], batch['length'],
+                         method='encode_question')
+  assert v.shape == (16, 16, 16, 32) and q.shape == (16, 32) and words.shape == (16, 12, 32)
+  staged, _ = model.apply(state.params, v, q, method='answer')
+  np.testing.assert_allclose(staged, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_question_padding_is_ignored():
+  config = tiny_config(None)
+  state = _state(config)
+  batch = _batch()
+  other = dict(batch, question=np.where(np.arange(12) < batch['length'][:, None],
+                                        batch['question'], 7).astype(np.int32))
+  a, _ = state.apply_fn(state.params, batch['image'], batch['question'], batch['length'])
+  b, _ = state.apply_fn(state.params, other['image'], other['question'], other['length'])
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_group_logits_equal_per_question_logits():
+  config = tiny_config(None)
+  state = _state(config)
+  batch = _groups()
+  grouped = train.group_logits(state.apply_fn, state.params, batch)
+  images = np.repeat(batch['image'], 3, axis=0)
+  single, _ = state.apply_fn(state.params, images, batch['question'].reshape(24, 12),
+                             batch['length'].reshape(-1))
+  np.testing.assert_allclose(grouped, single, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_questions_do_not_count():
+  config = tiny_config(None)
+  state = _state(config)
+  batch = _groups()
+  _, metrics = jax.jit(train.train_step)(state, batch)
+  changed = dict(batch, answer=np.where(batch['weight'] > 0, batch['answer'], 0))
+  _, metrics_changed = jax.jit(train.train_step)(state, changed)
+  np.testing.assert_allclose(metrics['loss'], metrics_changed['loss'], rtol=1e-6)
+  assert metrics['questions'] == batch['weight'].sum()
+
+
+def test_a_few_steps_lower_the_loss():
+  config = tiny_config(None, learning_rate=3e-3)
+  state = _state(config)
+  mesh = sharding.make_mesh()
+  batch = sharding.shard_batch(_groups(), mesh)
+  step = jax.jit(train.train_step)
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  # Random labels on one batch: the model starts memorising them.
+  assert np.mean(losses[-5:]) < 0.85 * losses[0], losses  # Chance is ln(13) = 2.56.
+
+
+def test_eight_devices_match_one_device():
+  assert jax.device_count() == 8, 'conftest asks XLA for 8 CPU devices'
+  config = tiny_config(None)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    state = jax.device_put(_state(config), sharding.replicated(mesh))
+    step = jax.jit(train.train_step)
+    losses = []
+    for i in range(4):
+      state, metrics = step(state, sharding.shard_batch(_groups(seed=i), mesh))
+      losses.append(float(metrics['loss']))
+    assert len(state.params['params']['classifier']['kernel'].sharding.device_set) == len(devices)
+    results.append((np.array(losses), jax.device_get(state.params)))
+  (loss_1, params_1), (loss_8, params_8) = results
+  # Same maths, different reduction order across devices: float32 round-off only. Losses agree
+  # to 1e-5; parameters to 1e-5 absolute (4 Adam steps at learning rate 2e-3 move a parameter
+  # by up to 8e-3).
+  np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params_8, params_1)
+
+
+def test_batch_size_must_divide_over_devices(data_dir):
+  from ucam_jax import input_pipeline
+  with pytest.raises(ValueError, match='multiple of the number of devices'):
+    input_pipeline.local_batch_size(12)

@@ -1,0 +1,98 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.conftest import tiny_config
+from ucam_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _final_params(workdir):
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    restored = manager.restore(manager.latest_step())
+  return manager.latest_step(), restored
+
+
+def test_train_and_evaluate_end_to_end(builder, data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert results['test']['num_examples'] == 9_673
+  assert 0.0 <= results['test']['accuracy'] <= 1.0
+  for name in ('config.json', 'vocabulary.json', 'metrics.jsonl', 'curves.png', 'metrics.json'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert json.load(f)['test'] == results['test']
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if 'train_loss' in r] == [5, 10, 15, 20]
+  assert records[-1]['test_accuracy'] == results['test']['accuracy']
+  step, _ = _final_params(workdir)
+  assert step == 20
+  # Periodic saves at 10 and 20, at most checkpoints_to_keep of them.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(builder, data_dir, tmp_path):
+  config = tiny_config(data_dir, num_train_steps=16, checkpoint_every_steps=4)
+  config.model.dropout_rate = 0.3
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(config, straight)
+
+  resumed = str(tmp_path / 'resumed')
+  stopping = config.copy_and_resolve_references()
+  stopping.stop_at_step = 7
+  stopped = train.train_and_evaluate(stopping, resumed)
+  assert stopped['step'] == 7 and 'test' not in stopped
+  assert _final_params(resumed)[0] == 7
+  train.train_and_evaluate(config, resumed)
+
+  (step_a, a), (step_b, b) = _final_params(straight), _final_params(resumed)
+  assert step_a == step_b == 16
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)  # Exactly the same: data, dropout keys and optimiser.
+  with open(os.path.join(resumed, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f if 'train_loss' in line]
+  assert steps == [5, 7, 10, 15, 16]  # The stopped run's lines, then the resumed run's.
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(PermissionError, match='not writable.*--workdir'):
+    train.train_and_evaluate(tiny_config(None), str(blocker / 'run'))
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, '-m', 'ucam_jax.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+  result = _main('--config=configs/san.py', '--config.batch_sise=8', f'--workdir={tmp_path}')
+  assert result.returncode != 0
+  assert "Unknown config key 'batch_sise'" in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.listdir(tmp_path)  # Nothing ran.
+
+
+def test_main_job_end_to_end(builder, data_dir, tmp_path):
+  workdir = tmp_path / 'main'
+  overrides = [f'--config.{k}={v}' for k, v in dict(
+      data_dir=data_dir, num_train_steps=10, batch_size=8, eval_batch_size=1024,
+      log_every_steps=5).items()]
+  result = _main('--config=configs/san.py', f'--workdir={workdir}', *overrides,
+                 '--config.model.stem_features=(8,16)', '--config.model.grid_convs=0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'test accuracy' in result.stdout
+  with open(workdir / 'metrics.json') as f:
+    metrics = json.load(f)
+  assert metrics['num_train_steps'] == 10 and metrics['test']['num_examples'] == 9_673

@@ -1,0 +1,1 @@
+"""TFDS builders. Each writes array_record and is read back without TensorFlow."""

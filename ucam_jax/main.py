@@ -1,0 +1,51 @@
+"""Train and evaluate: python -m ucam_jax.main --config=configs/san.py [--config.key=value ...]."""
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ucam_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/san.py.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and reports go here; a rerun resumes. '
+                    'Default: workdir/<config file name>.')
+flags.mark_flags_as_required(['config'])
+
+
+def parse_flags(argv):
+  """absl parsing, with a clear message for a --config.key that the config does not have."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.')
+  except (AttributeError, KeyError) as e:
+    overrides = ' '.join(a.split('=')[0] for a in argv if a.startswith('--config.'))
+    key = re.findall(r"\w+", str(e))
+    hint = re.search(r'Did you mean "(\w+)"', str(e))
+    sys.exit(f"Unknown config key '{key[0] if key else e}' in {overrides}."
+             + (f' Did you mean {hint.group(1)!r}?' if hint else '')
+             + ' Only keys that the config file defines can be set; see the file given to --config.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows it.
+  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS['config'])))[0]
+  workdir = FLAGS.workdir or os.path.join('workdir', config_name)
+  results = train.train_and_evaluate(FLAGS.config, workdir)
+  if 'test' in results:
+    test = results['test']
+    print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  "
+          f"({test['num_examples']} questions, {results['num_train_steps']} steps, "
+          f"{results['wall_time_s']:.0f} s)\nwrote {os.path.join(workdir, 'metrics.json')}")
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

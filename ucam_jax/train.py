@@ -1,0 +1,206 @@
+"""Training and evaluation: jitted, data parallel over every device, resumable from Orbax checkpoints.
+
+A run is a pure function of its config: the batch at step s and the dropout key at step s are
+derived from the seed and the checkpointed state, so a run stopped and resumed ends with the same
+parameters as one that never stopped.
+"""
+
+import json
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+from tqdm import tqdm
+
+from ucam_jax import input_pipeline, metric_writer, models, sharding
+from ucam_jax.text import Vocabulary
+
+
+class TrainState(train_state.TrainState):
+  rng: jax.Array  # Raw uint32 key, split once per step.
+
+
+def cross_entropy(logits, labels, weights=None):
+  """Weighted mean softmax cross-entropy. logits: [batch, answers], labels: [batch] int."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if weights is None:
+    return losses.mean()
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
+  schedule = optax.cosine_decay_schedule(config.learning_rate, max(num_steps, 1),
+                                         alpha=config.final_learning_rate_factor)
+  return optax.adam(schedule)
+
+
+def create_train_state(config, model: nn.Module, num_steps: int, batch) -> TrainState:
+  """Fresh parameters and optimiser; `batch` is a training batch (question groups)."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  params = model.init(init_rng, batch['image'], batch['question'][:, 0], batch['length'][:, 0])
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=make_optimizer(config, num_steps), rng=train_rng)
+
+
+def group_logits(apply_fn, params, batch, **kwargs):
+  """Logits [b * g, answers] for a batch of question groups: each image is encoded once and its
+  features are shared by its g questions. kwargs go to the `answer` stage (dropout)."""
+  b, g, length = batch['question'].shape
+  v = apply_fn(params, batch['image'], method='encode_image')
+  q, _ = apply_fn(params, batch['question'].reshape(b * g, length), batch['length'].reshape(-1),
+                  method='encode_question')
+  logits, _ = apply_fn(params, jnp.repeat(v, g, axis=0), q, method='answer', **kwargs)
+  return logits
+
+
+def train_step(state: TrainState, batch):
+  """One optimiser step on a global batch of question groups. Returns the new state and the
+  batch's mean loss and accuracy over its real (weight 1) questions."""
+  rng, dropout_rng = jax.random.split(state.rng)
+  labels, weights = batch['answer'].reshape(-1), batch['weight'].reshape(-1)
+
+  def loss_fn(params):
+    logits = group_logits(state.apply_fn, params, batch, deterministic=False,
+                          rngs={'dropout': dropout_rng})
+    return cross_entropy(logits, labels, weights), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, rng=rng)
+  correct = (logits.argmax(-1) == labels) * weights
+  metrics = {'loss': loss, 'accuracy': correct.sum() / weights.sum(), 'questions': weights.sum()}
+  return state, metrics
+
+
+def eval_step(params, apply_fn, batch):
+  """Sums over the real (weight 1) examples of a padded batch."""
+  logits, _ = apply_fn(params, batch['image'], batch['question'], batch['length'])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer'])
+  correct = logits.argmax(-1) == batch['answer']
+  w = batch['weight']
+  return {'loss': (losses * w).sum(), 'correct': (correct * w).sum(), 'count': w.sum()}
+
+
+def evaluate(params, apply_fn, batches, num_batches: int, mesh, desc: str = 'eval') -> dict:
+  """Accuracy and mean loss over a split."""
+  step = jax.jit(eval_step, static_argnums=1)
+  totals = None
+  for batch in tqdm(batches, total=num_batches, desc=desc, leave=False, mininterval=2):
+    sums = step(params, apply_fn, sharding.shard_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
+          'num_examples': int(count)}
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir, or fails with a message that says what to do."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'The workdir {workdir!r} is not writable ({e.strerror}). Pass a '
+                          'directory you can write to with --workdir.') from e
+
+
+def load_or_build_vocabulary(workdir: str, table: input_pipeline.QuestionTable) -> Vocabulary:
+  """The run's vocabulary: built from the training questions and saved in the workdir on the
+  first run, reused when resuming."""
+  path = os.path.join(workdir, 'vocabulary.json')
+  if os.path.exists(path):
+    return Vocabulary.load(path)
+  vocab = Vocabulary.build(table.question)
+  vocab.save(path)
+  return vocab
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config.model` on `config.dataset`, evaluates on the test split, writes the workdir.
+
+  Writes config.json, vocabulary.json, checkpoints/, metrics.jsonl, curves.png and metrics.json.
+  Returns the contents of metrics.json.
+  """
+  start_time = time.time()
+  prepare_workdir(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  builder = input_pipeline.get_builder(config)
+  table = input_pipeline.question_table(builder, 'train')
+  vocab = load_or_build_vocabulary(workdir, table)
+  num_answers = builder.info.features['answer'].num_classes
+  groups = input_pipeline.QuestionGroups(input_pipeline.data_source(builder, 'train'), table,
+                                         vocab, config.questions_per_image,
+                                         config.max_question_length)
+  steps_per_epoch = len(groups) // config.batch_size
+  num_steps = config.num_train_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
+
+  mesh = sharding.make_mesh()
+  model = models.get_model(config, vocab.size, num_answers)
+  example = next(input_pipeline.train_batches(groups, config))
+  state = jax.jit(lambda batch: create_train_state(config, model, num_steps, batch),
+                  out_shardings=sharding.replicated(mesh))(example)
+
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  start_step = int(state.step)
+
+  writer = metric_writer.MetricWriter(workdir, resume_step=start_step)
+  step_fn = jax.jit(train_step, donate_argnums=0,
+                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  stop_step = min(num_steps, config.stop_at_step or num_steps)
+  batches = input_pipeline.train_batches(groups, config, start_step)
+  pending, last_train = [], {}
+  window_start = time.time()
+  with tqdm(total=num_steps, initial=start_step, desc='train', mininterval=2) as bar:
+    for step in range(start_step + 1, stop_step + 1):
+      state, metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
+      pending.append(metrics)
+      bar.update()
+      if step % config.log_every_steps == 0 or step == stop_step:
+        pending = jax.device_get(pending)
+        questions = sum(m['questions'] for m in pending)
+        last_train = {f'train_{k}': float(sum(m[k] * m['questions'] for m in pending) / questions)
+                      for k in ('loss', 'accuracy')}
+        last_train['questions_per_sec'] = float(questions) / (time.time() - window_start)
+        writer.write(step, last_train)
+        bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
+                        acc=f"{last_train['train_accuracy']:.3f}")
+        pending, window_start = [], time.time()
+      if step % config.checkpoint_every_steps == 0 or step == stop_step:
+        manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  manager.close()
+
+  results = {'step': int(state.step), 'num_train_steps': num_steps, **last_train}
+  if int(state.step) < num_steps:
+    print(f'Stopped at step {int(state.step)} of {num_steps} (stop_at_step); rerun the same '
+          'command to resume.')
+    return results
+  test_source = input_pipeline.data_source(builder, 'test')
+  batches, num_batches = input_pipeline.eval_batches(test_source, vocab, config)
+  test = evaluate(state.params, state.apply_fn, batches, num_batches, mesh, desc='test')
+  writer.write(num_steps, {f'test_{k}': v for k, v in test.items() if k != 'num_examples'})
+  metric_writer.plot_curves(workdir)
+  results.update(test=test, wall_time_s=time.time() - start_time)
+  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  return results
