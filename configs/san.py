@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 256
   config.learning_rate = 2e-3
   config.final_learning_rate_factor = 0.01  # Cosine decay to this fraction of the peak.
-  config.num_epochs = 10.0
+  config.num_epochs = 18.0
   config.num_train_steps = 0  # > 0 overrides num_epochs.
 
   # Bookkeeping.
