@@ -1,0 +1,190 @@
+"""Uncertainty (SPEC section 4): aleatoric losses, MC dropout sampling, predictive statistics.
+
+Pure JAX, jit-able. Conventions: `n` examples, `c` classes, `T` Monte Carlo samples;
+`sigma2 [n]` is the variance head's output (> 0), one scalar variance per example, shared by
+its c logits. `targets [n, c]` are soft targets (rows sum to 1; one-hot for single-answer data;
+all-zero rows are allowed for padding). Natural logarithms throughout (entropies in nats).
+Arguments of the wrong static shape raise `ValueError` naming the argument and shapes.
+
+Definition choices that a reader must know:
+- Every mean over examples is weighted by `weights [n]` when given (0 marks a padding
+  question): sum_n w_n x_n / sum_n w_n, and 0 when all weights are 0.
+- The published recipe puts ELU on batch means (L_ud - L_d(t) are batch-level scalars), not per
+  example, as SPEC section 4 says.
+- Predictive variance uses the population variance over samples (divide by T, not T - 1).
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_shape(name: str, x, shape: tuple) -> None:
+  """Raises unless x has `shape`; None in `shape` matches any size."""
+  got = jnp.shape(x)
+  if len(got) != len(shape) or any(s is not None and g != s for g, s in zip(got, shape)):
+    want = tuple('?' if s is None else s for s in shape)
+    raise ValueError(f'{name} must have shape {want}, got {got}.')
+
+
+def _check_loss_args(logits, sigma2, targets, noise, weights) -> None:
+  _check_shape('logits', logits, (None, None))
+  n, c = logits.shape
+  _check_shape('sigma2', sigma2, (n,))
+  _check_shape('targets', targets, (n, c))
+  _check_shape('noise', noise, (None, n, c))
+  if weights is not None:
+    _check_shape('weights', weights, (n,))
+
+
+def _mean_over_examples(x, weights=None):
+  """x: [..., n] -> [...]: the mean over the last axis, weighted by `weights [n]` when given."""
+  if weights is None:
+    return jnp.mean(x, axis=-1)
+  total = jnp.sum(weights)
+  # The `where` keeps the value (and its gradient) finite when every weight is 0.
+  return jnp.sum(x * weights, axis=-1) / jnp.where(total > 0, total, 1.0)
+
+
+def _cross_entropy(logits, targets):
+  """logits [..., n, c], targets [n, c] -> [..., n]: sum_c -t_c log softmax(z)_c."""
+  return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def _entropy_from_log_probs(log_probs):
+  """[..., c] -> [...]: -sum_c p log p; finite log_probs make p = 0 terms exactly 0."""
+  return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+
+# --------------------------------------------------------------------------- aleatoric losses
+
+
+def sample_noise(key, num_samples: int, logits_shape: tuple, dtype=jnp.float32):
+  """Standard-normal draws `[num_samples, *logits_shape]` for the aleatoric losses."""
+  return jax.random.normal(key, (num_samples, *logits_shape), dtype)
+
+
+def aleatoric_loss(logits, sigma2, targets, noise, weights=None) -> dict:
+  """The published aleatoric recipe (SPEC section 4), with the answer loss.
+
+  With eps_t = sqrt(sigma2)[:, None] * noise[t] (so eps_t ~ N(0, sigma_n^2 I) per example):
+    L_ud    = mean_n sum_c -t_nc log softmax(z_n)_c                 (the answer loss)
+    L_d(t)  = mean_n sum_c -t_nc log softmax(z_n + eps_tn)_c        (a batch mean, one per t)
+    L_gce   = mean_t L_d(t)
+    L_var   = mean_t -ELU(L_ud - L_d(t))
+    L_vd    = mean_n (exp(sigma2_n) - 1)                            (variance depressor)
+    L_AU    = L_gce + L_var + L_vd;   total = L_ud + L_AU.
+
+  Args:
+    logits: [n, c].
+    sigma2: [n] predicted variances, > 0.
+    targets: [n, c] soft targets.
+    noise: [T, n, c] standard-normal draws (`sample_noise`; T_a = 100 by default).
+    weights: optional [n] example weights (0 for padding), used in every mean over n.
+
+  Returns:
+    Scalars {'total', 'answer' (L_ud), 'aleatoric' (L_AU), 'gce', 'variance', 'depressor'}.
+  """
+  _check_loss_args(logits, sigma2, targets, noise, weights)
+  answer = _mean_over_examples(_cross_entropy(logits, targets), weights)
+  noisy = logits + jnp.sqrt(sigma2)[:, None] * noise
+  distorted = _mean_over_examples(_cross_entropy(noisy, targets), weights)  # [T]
+  gce = jnp.mean(distorted)
+  variance = jnp.mean(-jax.nn.elu(answer - distorted))
+  depressor = _mean_over_examples(jnp.expm1(sigma2), weights)
+  aleatoric = gce + variance + depressor
+  return {'total': answer + aleatoric, 'answer': answer, 'aleatoric': aleatoric,
+          'gce': gce, 'variance': variance, 'depressor': depressor}
+
+
+def kendall_gal_loss(logits, sigma2, targets, noise, weights=None) -> dict:
+  """Kendall & Gal (2017) per-example Monte Carlo likelihood, the alternative to the recipe.
+
+    total = -mean_n sum_c t_nc log (1/T sum_t softmax(z_n + eps_tn)_c),
+  eps_t as in `aleatoric_loss`, computed stably as logsumexp_t log_softmax(...) - log T.
+  Same arguments as `aleatoric_loss`. Returns scalars {'total', 'answer'}; 'answer' is L_ud
+  (the noise-free answer loss), reported for comparison and not part of 'total'.
+  """
+  _check_loss_args(logits, sigma2, targets, noise, weights)
+  noisy = logits + jnp.sqrt(sigma2)[:, None] * noise
+  log_mean_probs = (jax.nn.logsumexp(jax.nn.log_softmax(noisy, axis=-1), axis=0)
+                    - jnp.log(noise.shape[0]))
+  total = _mean_over_examples(-jnp.sum(targets * log_mean_probs, axis=-1), weights)
+  answer = _mean_over_examples(_cross_entropy(logits, targets), weights)
+  return {'total': total, 'answer': answer}
+
+
+ALEATORIC_LOSSES = {'published': aleatoric_loss, 'kendall_gal': kendall_gal_loss}
+
+
+# --------------------------------------------------------------------------- MC dropout
+
+
+def mc_dropout(answer_fn: Callable, key, num_samples: int, chunk_size: int | None = None):
+  """Runs the dropout stage `num_samples` times, one dropout key each.
+
+  Args:
+    answer_fn: key -> (logits [n, c], sigma2 [n]) (any pytree of arrays works): the dropout
+      stage once, closed over params and the features dropout does not touch.
+    key: PRNG key; sample t uses `jax.random.split(key, num_samples)[t]`.
+    num_samples: T.
+    chunk_size: if given, run chunks of this many samples in sequence (`jax.lax.map`), so
+      memory holds one chunk; must divide `num_samples`. Same keys, same result as unchunked.
+
+  Returns:
+    answer_fn's outputs stacked on a leading axis: (sample_logits [T, n, c], sample_sigma2 [T, n]).
+  """
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be positive, got {num_samples}.')
+  keys = jax.random.split(key, num_samples)
+  if chunk_size is None:
+    return jax.vmap(answer_fn)(keys)
+  if chunk_size < 1 or num_samples % chunk_size:
+    raise ValueError(f'chunk_size must be a positive divisor of num_samples={num_samples}, '
+                     f'got {chunk_size}.')
+  return jax.lax.map(answer_fn, keys, batch_size=chunk_size)
+
+
+def predictive_stats(sample_logits, sample_sigma2=None) -> dict:
+  """Predictive uncertainty from T stochastic passes (natural log, entropies in nats).
+
+  With p_t = softmax(sample_logits[t]) and p_bar = mean_t p_t, per example:
+    'probs'               [n, c] p_bar
+    'predictive_entropy'  H[p_bar] = -sum_c p_bar log p_bar
+    'expected_entropy'    mean_t H[p_t]
+    'mutual_information'  max(H[p_bar] - mean_t H[p_t], 0): >= 0 by Jensen, the clip removes
+                          float round-off only (it is -1e-8 or so when the samples agree)
+    'variation_ratio'     1 - (count over t of the modal argmax_c p_t) / T
+    'sigma2'              mean_t sigma2_t (0 if sample_sigma2 is None)
+    'predictive_variance' mean_c var_t(sample_logits) + mean_t sigma2_t (population variance)
+
+  Args:
+    sample_logits: [T, n, c].
+    sample_sigma2: [T, n], or None for a model without a variance head.
+
+  Returns:
+    A dict of [n] arrays ('probs' is [n, c]).
+  """
+  _check_shape('sample_logits', sample_logits, (None, None, None))
+  num_samples, n, c = sample_logits.shape
+  if sample_sigma2 is None:
+    sample_sigma2 = jnp.zeros((num_samples, n), sample_logits.dtype)
+  _check_shape('sample_sigma2', sample_sigma2, (num_samples, n))
+  log_probs = jax.nn.log_softmax(sample_logits, axis=-1)
+  log_mean_probs = jax.nn.logsumexp(log_probs, axis=0) - jnp.log(num_samples)
+  predictive = _entropy_from_log_probs(log_mean_probs)
+  expected = jnp.mean(_entropy_from_log_probs(log_probs), axis=0)
+  votes = jnp.sum(jax.nn.one_hot(jnp.argmax(sample_logits, axis=-1), c), axis=0)  # [n, c]
+  sigma2 = jnp.mean(sample_sigma2, axis=0)
+  return {
+      'probs': jnp.exp(log_mean_probs),
+      'predictive_entropy': predictive,
+      'expected_entropy': expected,
+      'mutual_information': jnp.maximum(predictive - expected, 0.0),
+      'variation_ratio': 1.0 - jnp.max(votes, axis=-1) / num_samples,
+      'sigma2': sigma2,
+      'predictive_variance': jnp.mean(jnp.var(sample_logits, axis=0), axis=-1) + sigma2,
+  }
