@@ -64,6 +64,21 @@ def test_stop_and_resume_matches_an_uninterrupted_run(builder, data_dir, tmp_pat
   assert steps == [5, 7, 10, 15, 16]  # The stopped run's lines, then the resumed run's.
 
 
+def test_resuming_with_another_model_is_a_clear_error(builder, data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=2),
+                           workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = f.read()
+  other = tiny_config(data_dir, num_train_steps=4)
+  other.model.hidden_dim = 48
+  with pytest.raises(ValueError, match='does not fit this config.*new --workdir'):
+    train.train_and_evaluate(other, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == saved  # The earlier run's record is intact.
+  assert _final_params(workdir)[0] == 2
+
+
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')

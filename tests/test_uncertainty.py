@@ -204,22 +204,39 @@ def tiny_answer_fn(deterministic=False):
   return answer_fn
 
 
+def assert_trees_close(got, want):
+  # 1e-6: a matmul over a different batch of samples may round differently (1 ulp seen on CPU).
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_mc_dropout_matches_a_python_loop_and_chunking():
   answer_fn = tiny_answer_fn()
   key = jax.random.key(0)
-  logits, sigma2 = jax.jit(uncertainty.mc_dropout, static_argnums=(0, 2))(answer_fn, key, 6)
-  assert logits.shape == (6, N, C) and sigma2.shape == (6, N)
+  samples = jax.jit(uncertainty.mc_dropout, static_argnums=(0, 2))(answer_fn, key, 6)
+  assert samples[0].shape == (6, N, C) and samples[1].shape == (6, N)
   loop = [answer_fn(k) for k in jax.random.split(key, 6)]
-  np.testing.assert_allclose(logits, np.stack([l for l, _ in loop]), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(sigma2, np.stack([s for _, s in loop]), rtol=1e-6, atol=1e-6)
+  assert_trees_close(samples, jax.tree.map(lambda *x: np.stack(x), *loop))
   for chunk_size in (1, 2, 3, 6):
-    chunked = uncertainty.mc_dropout(answer_fn, key, 6, chunk_size=chunk_size)
-    np.testing.assert_array_equal(chunked[0], logits)
-    np.testing.assert_array_equal(chunked[1], sigma2)
+    assert_trees_close(uncertainty.mc_dropout(answer_fn, key, 6, chunk_size=chunk_size), samples)
   # Dropout is on: the samples differ.
-  assert not np.allclose(logits[0], logits[1])
+  assert not np.allclose(samples[0][0], samples[0][1])
   with pytest.raises(ValueError, match='chunk_size'):
     uncertainty.mc_dropout(answer_fn, key, 6, chunk_size=4)
+
+
+def test_mc_dropout_masks_are_the_same_with_and_without_chunking():
+  features = jnp.ones((N, 8))
+
+  def dropped(key):  # the dropout mask itself (scaled by 1/keep): exact, no round-off
+    return nn.Dropout(0.5).apply({}, features, deterministic=False, rngs={'dropout': key})
+
+  key = jax.random.key(3)
+  masks = uncertainty.mc_dropout(dropped, key, 6)
+  np.testing.assert_array_equal(masks, np.stack([dropped(k) for k in jax.random.split(key, 6)]))
+  for chunk_size in (1, 2, 3):
+    np.testing.assert_array_equal(uncertainty.mc_dropout(dropped, key, 6, chunk_size), masks)
+  assert 0 < np.mean(masks == 0) < 1
 
 
 def test_mc_dropout_deterministic_samples_are_identical():

@@ -100,7 +100,15 @@ def activations_and_gradients(apply_fn: Callable, variables: Mapping, inputs: tu
     gradient = flax.traverse_util.flatten_dict(grads, sep='/')[p_path]
     return activation[0], gradient[0]
 
-  return jax.vmap(one)(tuple(inputs))
+  def naive(inputs):
+    _, shapes = jax.eval_shape(lambda v, e: apply_fn(v, *e, mutable=list(_EXPOSED), **apply_kwargs), variables, inputs)
+    p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['perturbations'])
+    def t(p):
+      out, st = apply_fn({**variables, 'perturbations': p}, *inputs, mutable=['intermediates'], **apply_kwargs)
+      return target_fn(out).sum(), st['intermediates'][layer][0]
+    g, a = jax.grad(t, has_aux=True)(p)
+    return a, g[layer]
+  return naive(tuple(inputs))
 
 
 # --------------------------------------------------------------------------- channel weights

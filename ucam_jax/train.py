@@ -138,9 +138,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   start_time = time.time()
   prepare_workdir(workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-
   builder = input_pipeline.get_builder(config)
   table = input_pipeline.question_table(builder, 'train')
   vocab = load_or_build_vocabulary(workdir, table)
@@ -160,8 +157,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    try:
+      state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+          f'The checkpoint at step {manager.latest_step()} in {workdir} does not fit this config '
+          f'(it was written by a run with another model or optimiser; see its config.json): {e}. '
+          'Resume with the same config, or start afresh with a new --workdir.') from e
   start_step = int(state.step)
+  # Written only now, so a failed resume leaves the earlier run's config.json as it was.
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start_step)
   step_fn = jax.jit(train_step, donate_argnums=0,

@@ -132,7 +132,9 @@ def mc_dropout(answer_fn: Callable, key, num_samples: int, chunk_size: int | Non
     key: PRNG key; sample t uses `jax.random.split(key, num_samples)[t]`.
     num_samples: T.
     chunk_size: if given, run chunks of this many samples in sequence (`jax.lax.map`), so
-      memory holds one chunk; must divide `num_samples`. Same keys, same result as unchunked.
+      memory holds one chunk; must divide `num_samples`. Sample t gets the same key either
+      way, so its dropout masks are bit-identical; its outputs agree to float round-off only
+      (XLA may order a matmul's sums differently for a different batch of samples).
 
   Returns:
     answer_fn's outputs stacked on a leading axis: (sample_logits [T, n, c], sample_sigma2 [T, n]).
