@@ -6,6 +6,9 @@
 # --dry-run prints the batch script and the commands instead of running them.
 set -euo pipefail
 
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 
@@ -36,33 +39,6 @@ Example (2 nodes x 8 GPUs):
   launch/gpu_slurm.sh --nodes=2 --gpus-per-node=8 --partition=gpu --time=12:00:00 \
     --venv=/shared/venvs/ucam --workdir=/shared/runs/ucam-san -- --config.num_epochs=50
 EOF
-}
-
-die() {
-  usage >&2
-  echo >&2
-  echo "gpu_slurm.sh: error: $*" >&2
-  exit 2
-}
-
-# Joins arguments into one shell-quoted string.
-quoted() {
-  local out
-  printf -v out ' %q' "$@"
-  echo "${out# }"
-}
-
-# Runs a command, or with --dry-run prints it (shell-quoted, copyable).
-run() {
-  if (( DRY_RUN )); then
-    echo "+ $(quoted "$@")"
-  else
-    "$@"
-  fi
-}
-
-need_value() {
-  [[ $# -ge 2 && $2 != -* ]] || die "flag $1 needs a value"
 }
 
 require() {

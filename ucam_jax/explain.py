@@ -100,15 +100,7 @@ def activations_and_gradients(apply_fn: Callable, variables: Mapping, inputs: tu
     gradient = flax.traverse_util.flatten_dict(grads, sep='/')[p_path]
     return activation[0], gradient[0]
 
-  def naive(inputs):
-    _, shapes = jax.eval_shape(lambda v, e: apply_fn(v, *e, mutable=list(_EXPOSED), **apply_kwargs), variables, inputs)
-    p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['perturbations'])
-    def t(p):
-      out, st = apply_fn({**variables, 'perturbations': p}, *inputs, mutable=['intermediates'], **apply_kwargs)
-      return target_fn(out).sum(), st['intermediates'][layer][0]
-    g, a = jax.grad(t, has_aux=True)(p)
-    return a, g[layer]
-  return naive(tuple(inputs))
+  return jax.vmap(one)(tuple(inputs))
 
 
 # --------------------------------------------------------------------------- channel weights
@@ -132,7 +124,7 @@ def gradcam_plus_plus_weights(A: jax.Array, G: jax.Array) -> jax.Array:
   pytorch-grad-cam); w_k = sum_spatial(alpha * ReLU(G)).
   """
   g2 = G ** 2
-  denominator = 2 * g2 + A.sum(axis=_spatial(A), keepdims=True) * G ** 3
+  denominator = 2 * g2 + A.sum(axis=_spatial(A), keepdims=True) * G ** 2
   nonzero = denominator != 0
   alpha = jnp.where(nonzero, g2 / jnp.where(nonzero, denominator, 1), 0)
   return (alpha * jax.nn.relu(G)).sum(axis=_spatial(G))
