@@ -37,9 +37,10 @@ def test_output_shapes_and_stages():
   config = tiny_config(None)
   state = _state(config)
   batch = _batch()
-  logits, attention = state.apply_fn(state.params, batch['image'], batch['question'],
-                                     batch['length'])
+  outputs = state.apply_fn(state.params, batch['image'], batch['question'], batch['length'])
+  logits, attention = outputs['logits'], outputs['attention']
   assert logits.shape == (16, 13)
+  assert outputs['sigma2'].shape == (16,) and (outputs['sigma2'] > 0).all()
   assert attention.shape == (16, 2, 16, 16)  # Two hops over a 64 / 4 grid (two stride-2 convs).
   np.testing.assert_allclose(attention.sum((-1, -2)), 1.0, rtol=1e-5)
   # The stages compose to the full model.
@@ -48,7 +49,7 @@ def test_output_shapes_and_stages():
   q, words = model.apply(state.params, batch['question'], batch['length'],
                          method='encode_question')
   assert v.shape == (16, 16, 16, 32) and q.shape == (16, 32) and words.shape == (16, 12, 32)
-  staged, _ = model.apply(state.params, v, q, method='answer')
+  staged = model.apply(state.params, v, q, method='answer')['logits']
   np.testing.assert_allclose(staged, logits, rtol=1e-5, atol=1e-6)
 
 
@@ -58,8 +59,8 @@ def test_question_padding_is_ignored():
   batch = _batch()
   other = dict(batch, question=np.where(np.arange(12) < batch['length'][:, None],
                                         batch['question'], 7).astype(np.int32))
-  a, _ = state.apply_fn(state.params, batch['image'], batch['question'], batch['length'])
-  b, _ = state.apply_fn(state.params, other['image'], other['question'], other['length'])
+  a = state.apply_fn(state.params, batch['image'], batch['question'], batch['length'])['logits']
+  b = state.apply_fn(state.params, other['image'], other['question'], other['length'])['logits']
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -69,8 +70,8 @@ def test_group_logits_equal_per_question_logits():
   batch = _groups()
   grouped = train.group_logits(state.apply_fn, state.params, batch)
   images = np.repeat(batch['image'], 3, axis=0)
-  single, _ = state.apply_fn(state.params, images, batch['question'].reshape(24, 12),
-                             batch['length'].reshape(-1))
+  single = state.apply_fn(state.params, images, batch['question'].reshape(24, 12),
+                          batch['length'].reshape(-1))['logits']
   np.testing.assert_allclose(grouped, single, rtol=1e-5, atol=1e-6)
 
 

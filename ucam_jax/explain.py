@@ -124,7 +124,7 @@ def gradcam_plus_plus_weights(A: jax.Array, G: jax.Array) -> jax.Array:
   pytorch-grad-cam); w_k = sum_spatial(alpha * ReLU(G)).
   """
   g2 = G ** 2
-  denominator = 2 * g2 + A.sum(axis=_spatial(A), keepdims=True) * G ** 2
+  denominator = 2 * g2 + A.sum(axis=_spatial(A), keepdims=True) * G ** 3
   nonzero = denominator != 0
   alpha = jnp.where(nonzero, g2 / jnp.where(nonzero, denominator, 1), 0)
   return (alpha * jax.nn.relu(G)).sum(axis=_spatial(G))

@@ -44,7 +44,8 @@ def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
 def create_train_state(config, model: nn.Module, num_steps: int, batch) -> TrainState:
   """Fresh parameters and optimiser; `batch` is a training batch (question groups)."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  params = model.init(init_rng, batch['image'], batch['question'][:, 0], batch['length'][:, 0])
+  variables = model.init(init_rng, batch['image'], batch['question'][:, 0], batch['length'][:, 0])
+  params = {'params': variables['params']}  # Not the explanation-only 'perturbations'.
   return TrainState.create(apply_fn=model.apply, params=params,
                            tx=make_optimizer(config, num_steps), rng=train_rng)
 
@@ -56,8 +57,7 @@ def group_logits(apply_fn, params, batch, **kwargs):
   v = apply_fn(params, batch['image'], method='encode_image')
   q, _ = apply_fn(params, batch['question'].reshape(b * g, length), batch['length'].reshape(-1),
                   method='encode_question')
-  logits, _ = apply_fn(params, jnp.repeat(v, g, axis=0), q, method='answer', **kwargs)
-  return logits
+  return apply_fn(params, jnp.repeat(v, g, axis=0), q, method='answer', **kwargs)['logits']
 
 
 def train_step(state: TrainState, batch):
@@ -80,7 +80,7 @@ def train_step(state: TrainState, batch):
 
 def eval_step(params, apply_fn, batch):
   """Sums over the real (weight 1) examples of a padded batch."""
-  logits, _ = apply_fn(params, batch['image'], batch['question'], batch['length'])
+  logits = apply_fn(params, batch['image'], batch['question'], batch['length'])['logits']
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer'])
   correct = logits.argmax(-1) == batch['answer']
   w = batch['weight']

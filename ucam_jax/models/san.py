@@ -49,6 +49,7 @@ class SAN(nn.Module):
     # shape asked about equals the one seen (the yes/no questions).
     self.hidden = nn.Dense(self.classifier_dim)
     self.classifier = nn.Dense(self.num_answers)
+    self.variance = nn.Dense(1)  # The aleatoric variance head (SPEC section 3).
 
   def encode_image(self, images):
     """images: [batch, H, W, 3] uint8 -> v: [batch, H/2^k, W/2^k, hidden_dim], k stride-2 convs.
@@ -69,7 +70,15 @@ class SAN(nn.Module):
     return q, words
 
   def answer(self, v, q, *, deterministic: bool = True):
-    """v: [batch, h, w, d], q: [batch, d] -> (logits [batch, answers], attention [batch, hops, h, w])."""
+    """v: [batch, h, w, d], q: [batch, d] -> {'logits': [batch, answers], 'sigma2': [batch],
+    'attention': [batch, hops, h, w]}.
+
+    v is exposed to `ucam_jax.explain` as the intermediate 'grid' (perturb + sow), so Grad-CAM
+    and U-CAM maps are taken with respect to it. sigma2 = softplus(Linear(logits)) is the
+    per-example aleatoric variance.
+    """
+    v = self.perturb('grid', v)
+    self.sow('intermediates', 'grid', v)
     batch, h, w, d = v.shape
     v = self.dropout(v, deterministic=deterministic).reshape(batch, h * w, d)
     u = self.dropout(q, deterministic=deterministic)
@@ -80,7 +89,8 @@ class SAN(nn.Module):
     hidden = self.hidden(self.dropout(u, deterministic=deterministic))
     hidden = nn.relu(hidden)
     logits = self.classifier(self.dropout(hidden, deterministic=deterministic))
-    return logits, jnp.stack(maps, axis=1)
+    sigma2 = nn.softplus(self.variance(logits)[:, 0])
+    return {'logits': logits, 'sigma2': sigma2, 'attention': jnp.stack(maps, axis=1)}
 
   def __call__(self, images, tokens, lengths, *, deterministic: bool = True):
     q, _ = self.encode_question(tokens, lengths)
