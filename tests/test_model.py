@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from ucam_jax import models, sharding, train
+from ucam_jax import explain, models, sharding, train
 
 
 def _batch(batch_size=16, seed=0):
@@ -127,3 +127,35 @@ def test_batch_size_must_divide_over_devices(data_dir):
   from ucam_jax import input_pipeline
   with pytest.raises(ValueError, match='multiple of the number of devices'):
     input_pipeline.local_batch_size(12)
+
+
+def test_grad_cam_and_u_cam_on_the_san_grid():
+  """The explanation API works on SAN's exposed 'grid' intermediate, one example at a time."""
+  config = tiny_config(None)
+  model = models.get_model(config, vocab_size=20, num_answers=13)
+  state = _state(config)
+  batch = _batch(4)
+  q, _ = model.apply(state.params, batch['question'], batch['length'], method='encode_question')
+  v = model.apply(state.params, batch['image'], method='encode_image')
+
+  def apply_answer(variables, v, q, **kwargs):
+    return model.apply(variables, v, q, method='answer', **kwargs)
+
+  def score(outputs):
+    return outputs['logits'].max(-1)
+
+  def uncertainty(outputs):
+    return -(jax.nn.softmax(outputs['logits']) * jax.nn.log_softmax(outputs['logits'])).sum(-1)
+
+  activation, gradient = explain.activations_and_gradients(apply_answer, state.params, (v, q),
+                                                           'grid', score)
+  np.testing.assert_allclose(activation, v, rtol=1e-6)
+  # The gradient of example 0's score, taken directly on the staged model.
+  direct = jax.grad(lambda x: score(apply_answer(state.params, x, q[:1]))[0])(v[:1])
+  np.testing.assert_allclose(gradient[:1], direct, rtol=1e-4, atol=1e-7)
+  for method, target in (('gradcam', score), ('ucam', uncertainty)):
+    maps = explain.explain(apply_answer, state.params, (v, q), 'grid', target, method=method)
+    assert maps.shape == (4, 16, 16) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+    alone = explain.explain(apply_answer, state.params, (v[2:3], q[2:3]), 'grid', target,
+                            method=method)
+    np.testing.assert_allclose(maps[2:3], alone, rtol=1e-5, atol=1e-6)

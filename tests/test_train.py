@@ -72,7 +72,7 @@ def test_resuming_with_another_model_is_a_clear_error(builder, data_dir, tmp_pat
     saved = f.read()
   other = tiny_config(data_dir, num_train_steps=4)
   other.model.hidden_dim = 48
-  with pytest.raises(ValueError, match='does not fit this config.*new --workdir'):
+  with pytest.raises(ValueError, match='model hidden_dim was 32, now 48.*new --workdir'):
     train.train_and_evaluate(other, workdir)
   with open(os.path.join(workdir, 'config.json')) as f:
     assert f.read() == saved  # The earlier run's record is intact.

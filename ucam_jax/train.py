@@ -124,6 +124,22 @@ def load_or_build_vocabulary(workdir: str, table: input_pipeline.QuestionTable) 
   return vocab
 
 
+def check_same_model(workdir: str, config) -> None:
+  """Resuming with another model would fail deep inside Orbax: name the differences instead."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get('model', {})
+  current = json.loads(config.model.to_json_best_effort())
+  changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+  if changed:
+    raise ValueError(
+        f'The checkpoints in {workdir} do not fit this config: model ' + ', '.join(
+            f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in changed)
+        + '. Resume with the same config, or start afresh with a new --workdir.')
+
+
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
@@ -156,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
+    check_same_model(workdir, config)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
       state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
