@@ -34,5 +34,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   config.checkpoints_to_keep = 2
-  config.stop_at_step = 0  # > 0: checkpoint and stop there (e.g. a time-limited job); rerun resumes.
+  config.stop_at_step = 0  # > 0: checkpoint and stop there (a time-limited job); rerun resumes.
   return config

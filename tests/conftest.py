@@ -46,7 +46,8 @@ def make_source_dir(root, num_images=3, questions_per_image=2):
   for split in ('train', 'test'):
     with open(os.path.join(real, split, 'questions.json')) as f:
       questions = json.load(f)
-    kept = [q for i in range(num_images) for q in [q for q in questions if q[2] == i][:questions_per_image]]
+    kept = [q for i in range(num_images)
+            for q in [q for q in questions if q[2] == i][:questions_per_image]]
     os.makedirs(os.path.join(root, split, 'images'))
     with open(os.path.join(root, split, 'questions.json'), 'w') as f:
       json.dump(kept, f)

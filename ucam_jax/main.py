@@ -29,7 +29,8 @@ def parse_flags(argv):
     hint = re.search(r'Did you mean "(\w+)"', str(e))
     sys.exit(f"Unknown config key '{key[0] if key else e}' in {overrides}."
              + (f' Did you mean {hint.group(1)!r}?' if hint else '')
-             + ' Only keys that the config file defines can be set; see the file given to --config.')
+             + ' Only keys that the config file defines can be set; see the file given to '
+             '--config.')
 
 
 def main(argv):
@@ -37,7 +38,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows it.
-  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS['config'])))[0]
+  config_file = config_flags.get_config_filename(FLAGS['config'])
+  config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = FLAGS.workdir or os.path.join('workdir', config_name)
   results = train.train_and_evaluate(FLAGS.config, workdir)
   if 'test' in results:

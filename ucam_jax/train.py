@@ -1,4 +1,5 @@
-"""Training and evaluation: jitted, data parallel over every device, resumable from Orbax checkpoints.
+"""Training and evaluation: jitted, data parallel over every device, resumable from Orbax
+checkpoints.
 
 A run is a pure function of its config: the batch at step s and the dropout key at step s are
 derived from the seed and the checkpointed state, so a run stopped and resumed ends with the same
