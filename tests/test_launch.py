@@ -199,6 +199,14 @@ def test_tpu_help(stub_env):
   assert result.stdout.startswith('Usage:')
 
 
+def assert_usage_error(result, names):
+  """Exit 2, nothing on stdout, and a last stderr line that names the problem."""
+  assert result.returncode == 2
+  assert result.stdout == ''
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert 'error' in last_line and names in last_line
+
+
 @pytest.mark.parametrize('args, names', [
     (['run', *TPU_FLAGS, '--workdir=/w', '--bogus=1'], '--bogus'),
     (['create', '--name=x', '--accelerator-type=v4-8', '--version=v'], '--zone'),
@@ -210,10 +218,7 @@ def test_tpu_help(stub_env):
 ])
 def test_tpu_usage_errors(stub_env, args, names):
   result = run_script(stub_env, TPU_VM, '--dry-run', *args)
-  assert result.returncode == 2
-  assert result.stdout == ''
-  last_line = result.stderr.strip().splitlines()[-1]
-  assert 'error' in last_line and names in last_line
+  assert_usage_error(result, names)
   assert 'Usage:' in result.stderr
 
 
@@ -277,7 +282,4 @@ def test_slurm_help(stub_env):
 ])
 def test_slurm_usage_errors(stub_env, args, names):
   result = run_script(stub_env, GPU_SLURM, '--dry-run', *args)
-  assert result.returncode == 2
-  assert result.stdout == ''
-  last_line = result.stderr.strip().splitlines()[-1]
-  assert 'error' in last_line and names in last_line
+  assert_usage_error(result, names)
