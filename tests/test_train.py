@@ -79,6 +79,22 @@ def test_resuming_with_another_model_is_a_clear_error(builder, data_dir, tmp_pat
   assert _final_params(workdir)[0] == 2
 
 
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(builder, data_dir,
+                                                                     tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(data_dir, stop_at_step=4, checkpoint_every_steps=2),
+                           workdir)
+  step, good = _final_params(workdir)
+  assert step == 4
+  diverging = tiny_config(data_dir, learning_rate=float('inf'), checkpoint_every_steps=2)
+  with pytest.raises(FloatingPointError, match=r'nan at step [56].*step 4, is intact'):
+    train.train_and_evaluate(diverging, workdir)
+  step, kept = _final_params(workdir)
+  assert step == 4
+  for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')

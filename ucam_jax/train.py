@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
@@ -125,6 +126,25 @@ def load_or_build_vocabulary(workdir: str, table: input_pipeline.QuestionTable) 
   return vocab
 
 
+def stop_if_not_finite(metrics: list[dict], step: int, manager: ocp.CheckpointManager) -> None:
+  """Raises FloatingPointError if a loss of the steps up to `step` is nan or infinite.
+
+  The bad state is never saved, so the latest checkpoint is the last good one.
+  """
+  losses = np.array([m['loss'] for m in metrics])
+  if np.isfinite(losses).all():
+    return
+  first = step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
+  manager.wait_until_finished()
+  kept = manager.latest_step()
+  raise FloatingPointError(
+      f'The training loss is {losses[~np.isfinite(losses)][0]} at step {first}; training stopped '
+      'and that state was not saved. '
+      + (f'The last good checkpoint, step {kept}, is intact in {manager.directory}: '
+         'rerunning resumes from it (lower --config.learning_rate first).' if kept is not None
+         else 'No checkpoint had been saved yet.'))
+
+
 def check_same_model(workdir: str, config) -> None:
   """Resuming with another model would fail deep inside Orbax: name the differences instead."""
   path = os.path.join(workdir, 'config.json')
@@ -199,8 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
       pending.append(metrics)
       bar.update()
-      if step % config.log_every_steps == 0 or step == stop_step:
+      checkpoint_due = step % config.checkpoint_every_steps == 0 or step == stop_step
+      if checkpoint_due or step % config.log_every_steps == 0:
         pending = jax.device_get(pending)
+        stop_if_not_finite(pending, step, manager)  # Before anything from it is saved.
+      if step % config.log_every_steps == 0 or step == stop_step:
         questions = sum(m['questions'] for m in pending)
         last_train = {f'train_{k}': float(sum(m[k] * m['questions'] for m in pending) / questions)
                       for k in ('loss', 'accuracy')}
@@ -209,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
                         acc=f"{last_train['train_accuracy']:.3f}")
         pending, window_start = [], time.time()
-      if step % config.checkpoint_every_steps == 0 or step == stop_step:
+      if checkpoint_due:
         manager.save(step, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   manager.close()
