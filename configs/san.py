@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 32  # Question groups (images) per training batch: ~190 questions.
   config.eval_batch_size = 256
+  config.mc_samples = 20  # MC-dropout passes per test question (the published evaluation: 50).
   config.learning_rate = 2e-3
   config.final_learning_rate_factor = 0.01  # Cosine decay to this fraction of the peak.
   config.num_epochs = 18.0

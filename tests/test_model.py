@@ -159,3 +159,19 @@ def test_grad_cam_and_u_cam_on_the_san_grid():
     alone = explain.explain(apply_answer, state.params, (v[2:3], q[2:3]), 'grid', target,
                             method=method)
     np.testing.assert_allclose(maps[2:3], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('rate', [0.0, 0.5])
+def test_eval_step_mc_dropout(rate):
+  config = tiny_config(None)
+  config.model.dropout_rate = rate
+  state = _state(config)
+  batch = dict(_batch(8), weight=np.ones(8, np.float32))
+  out = train.eval_step(state.params, state.apply_fn, batch, jax.random.PRNGKey(0), 10)
+  assert out['mc_probs'].shape == out['probs'].shape == (8, 13)
+  if rate == 0:  # Every pass is the deterministic one: no disagreement at all.
+    np.testing.assert_allclose(out['mc_probs'], out['probs'], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out['mutual_information'], 0.0, atol=1e-6)
+    assert (out['variation_ratio'] == 0).all()
+  else:
+    assert (out['mutual_information'] > 1e-6).all()

@@ -23,8 +23,14 @@ def _final_params(workdir):
 def test_train_and_evaluate_end_to_end(builder, data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(tiny_config(data_dir), workdir)
-  assert results['test']['num_examples'] == 9_673
-  assert 0.0 <= results['test']['accuracy'] <= 1.0
+  test = results['test']
+  assert test['num_examples'] == 9_673
+  assert 0.0 <= test['accuracy'] <= 1.0 and 0.0 <= test['ece'] <= 1.0
+  assert set(test['uncertainty']) == set(train.UNCERTAINTY_SCORES)
+  for score in test['uncertainty'].values():
+    assert 0.0 <= score['auroc_wrong'] <= 1.0 and score['mean_wrong'] >= 0.0
+  # Dropout is on during the MC passes: the samples disagree somewhere.
+  assert test['uncertainty']['mutual_information']['mean_wrong'] > 0
   for name in ('config.json', 'vocabulary.json', 'metrics.jsonl', 'curves.png', 'metrics.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, 'metrics.json')) as f:

@@ -44,10 +44,13 @@ def main(argv):
   results = train.train_and_evaluate(FLAGS.config, workdir)
   if 'test' in results:
     test = results['test']
-    print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  "
+    entropy = test['uncertainty']['predictive_entropy']
+    print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  ECE {test['ece']:.4f}  "
           f"({test['num_examples']} questions, {results['num_train_steps']} steps, "
-          f"{results['wall_time_s']:.0f} s)\nwrote {os.path.join(workdir, 'metrics.json')}")
-
+          f"{results['wall_time_s']:.0f} s)\n"
+          f"predictive entropy (MC dropout): correct {entropy['mean_correct']}, wrong "
+          f"{entropy['mean_wrong']}, AUROC for wrong answers {entropy['auroc_wrong']:.3f}\n"
+          f"wrote {os.path.join(workdir, 'metrics.json')}")
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

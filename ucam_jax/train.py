@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm import tqdm
 
-from ucam_jax import input_pipeline, metric_writer, models, sharding
+from ucam_jax import input_pipeline, metric_writer, metrics, models, sharding, uncertainty
 from ucam_jax.text import Vocabulary
 
 
@@ -76,30 +76,72 @@ def train_step(state: TrainState, batch):
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, rng=rng)
   correct = (logits.argmax(-1) == labels) * weights
-  metrics = {'loss': loss, 'accuracy': correct.sum() / weights.sum(), 'questions': weights.sum()}
-  return state, metrics
+  return state, {'loss': loss, 'accuracy': correct.sum() / weights.sum(),
+                 'questions': weights.sum()}
 
 
-def eval_step(params, apply_fn, batch):
-  """Sums over the real (weight 1) examples of a padded batch."""
-  logits = apply_fn(params, batch['image'], batch['question'], batch['length'])['logits']
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer'])
-  correct = logits.argmax(-1) == batch['answer']
-  w = batch['weight']
-  return {'loss': (losses * w).sum(), 'correct': (correct * w).sum(), 'count': w.sum()}
+# The dropout-based scores. sigma2 and the predictive variance (which adds it) join them once the
+# aleatoric loss trains the variance head; until then they would only report its initialisation.
+UNCERTAINTY_SCORES = ('predictive_entropy', 'expected_entropy', 'mutual_information',
+                      'variation_ratio')
 
 
-def evaluate(params, apply_fn, batches, num_batches: int, mesh, desc: str = 'eval') -> dict:
-  """Accuracy and mean loss over a split."""
-  step = jax.jit(eval_step, static_argnums=1)
-  totals = None
-  for batch in tqdm(batches, total=num_batches, desc=desc, leave=False, mininterval=2):
-    sums = step(params, apply_fn, sharding.shard_batch(batch, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = float(totals['count'])
-  return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
-          'num_examples': int(count)}
+def eval_step(params, apply_fn, batch, key, mc_samples: int):
+  """Per-question outputs of a padded batch: the deterministic answer and its loss, and the MC
+  dropout statistics of `mc_samples` stochastic passes of the answer stage (the image and the
+  question are encoded once)."""
+  v = apply_fn(params, batch['image'], method='encode_image')
+  q, _ = apply_fn(params, batch['question'], batch['length'], method='encode_question')
+  logits = apply_fn(params, v, q, method='answer')['logits']
+
+  def answer_fn(dropout_key):
+    out = apply_fn(params, v, q, method='answer', deterministic=False,
+                   rngs={'dropout': dropout_key})
+    return out['logits'], out['sigma2']
+
+  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(answer_fn, key, mc_samples))
+  return {'probs': jax.nn.softmax(logits), 'mc_probs': stats.pop('probs'),
+          'loss': optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer']),
+          **stats}
+
+
+def evaluate(params, apply_fn, batches, num_batches: int, mesh, config,
+             desc: str = 'eval') -> dict:
+  """Accuracy, loss, calibration and uncertainty over a split.
+
+  'uncertainty' holds, for each MC-dropout score, its mean over correct and over wrong answers
+  and its AUROC / AUPR for detecting wrong answers (nan when every answer is right); calibration
+  is top-label ECE with 15 equal-width bins, NLL and Brier, of the deterministic softmax and of
+  the MC-dropout mean.
+  """
+  step = jax.jit(eval_step, static_argnums=(1, 4))
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  outputs, labels = [], []
+  for i, batch in enumerate(tqdm(batches, total=num_batches, desc=desc, leave=False,
+                                 mininterval=2)):
+    out = step(params, apply_fn, sharding.shard_batch(batch, mesh), jax.random.fold_in(key, i),
+               config.mc_samples)
+    real = batch['weight'] > 0
+    outputs.append(jax.tree.map(lambda x: np.asarray(x)[real], out))
+    labels.append(batch['answer'][real])
+  out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+  labels = np.concatenate(labels)
+  wrong = out['probs'].argmax(-1) != labels
+  results = {'accuracy': float(1 - wrong.mean()), 'loss': float(out['loss'].mean()),
+             'num_examples': len(labels), 'mc_accuracy': metrics.accuracy(
+                 out['mc_probs'].argmax(-1), labels)}
+  for name in ('probs', 'mc_probs'):
+    prefix = '' if name == 'probs' else 'mc_'
+    results[prefix + 'ece'] = metrics.expected_calibration_error(out[name], labels)
+    results[prefix + 'nll'] = metrics.negative_log_likelihood(out[name], labels)
+    results[prefix + 'brier'] = metrics.brier_score(out[name], labels)
+  results['uncertainty'] = {
+      score: {'mean_correct': float(out[score][~wrong].mean()) if (~wrong).any() else None,
+              'mean_wrong': float(out[score][wrong].mean()) if wrong.any() else None,
+              'auroc_wrong': metrics.auroc(out[score], wrong),
+              'aupr_wrong': metrics.aupr(out[score], wrong)}
+      for score in UNCERTAINTY_SCORES}
+  return results
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -216,8 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   window_start = time.time()
   with tqdm(total=num_steps, initial=start_step, desc='train', mininterval=2) as bar:
     for step in range(start_step + 1, stop_step + 1):
-      state, metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
-      pending.append(metrics)
+      state, step_metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
+      pending.append(step_metrics)
       bar.update()
       checkpoint_due = step % config.checkpoint_every_steps == 0 or step == stop_step
       if checkpoint_due or step % config.log_every_steps == 0:
@@ -244,8 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
   test_source = input_pipeline.data_source(builder, 'test')
   batches, num_batches = input_pipeline.eval_batches(test_source, vocab, config)
-  test = evaluate(state.params, state.apply_fn, batches, num_batches, mesh, desc='test')
-  writer.write(num_steps, {f'test_{k}': v for k, v in test.items() if k != 'num_examples'})
+  test = evaluate(state.params, state.apply_fn, batches, num_batches, mesh, config, desc='test')
+  writer.write(num_steps, {f'test_{k}': test[k] for k in ('accuracy', 'loss', 'ece')})
   metric_writer.plot_curves(workdir)
   results.update(test=test, wall_time_s=time.time() - start_time)
   with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
