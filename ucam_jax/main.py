@@ -33,6 +33,10 @@ def parse_flags(argv):
              '--config.')
 
 
+def _fmt(value) -> str:
+  return 'n/a' if value is None else f'{value:.4f}'
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -48,8 +52,8 @@ def main(argv):
     print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  ECE {test['ece']:.4f}  "
           f"({test['num_examples']} questions, {results['num_train_steps']} steps, "
           f"{results['wall_time_s']:.0f} s)\n"
-          f"predictive entropy (MC dropout): correct {entropy['mean_correct']}, wrong "
-          f"{entropy['mean_wrong']}, AUROC for wrong answers {entropy['auroc_wrong']:.3f}\n"
+          f"predictive entropy (MC dropout): correct {_fmt(entropy['mean_correct'])}, wrong "
+          f"{_fmt(entropy['mean_wrong'])}, AUROC for wrong answers {entropy['auroc_wrong']:.3f}\n"
           f"wrote {os.path.join(workdir, 'metrics.json')}")
 
 if __name__ == '__main__':
