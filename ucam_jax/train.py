@@ -168,12 +168,13 @@ def load_or_build_vocabulary(workdir: str, table: input_pipeline.QuestionTable) 
   return vocab
 
 
-def stop_if_not_finite(metrics: list[dict], step: int, manager: ocp.CheckpointManager) -> None:
+def stop_if_not_finite(step_metrics: list[dict], step: int,
+                       manager: ocp.CheckpointManager) -> None:
   """Raises FloatingPointError if a loss of the steps up to `step` is nan or infinite.
 
   The bad state is never saved, so the latest checkpoint is the last good one.
   """
-  losses = np.array([m['loss'] for m in metrics])
+  losses = np.array([m['loss'] for m in step_metrics])
   if np.isfinite(losses).all():
     return
   first = step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
