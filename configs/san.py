@@ -19,7 +19,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: see ucam_jax/models/san.py.
   config.model = ml_collections.ConfigDict(dict(
       name='san', stem_features=(16, 32, 64), grid_convs=1, embed_dim=32, hidden_dim=64,
-      attention_dim=32, num_hops=2, classifier_dim=128, dropout_rate=0.1))
+      attention_dim=32, num_hops=2, classifier_dim=128, dropout_rate=0.1,
+      dtype='float32'))  # 'bfloat16': mixed precision (TPU, recent GPUs); parameters float32.
+
+  # U-CAM (SPEC sections 4-5; ucam_jax/gca.py). The baseline: --config.ucam.mode=none.
+  config.ucam = ml_collections.ConfigDict(dict(
+      mode='mask',  # none (baseline) | loss_only (answer + uncertainty loss) | mask (GCA).
+      # U: aleatoric (L_AU) | predictive (L_PU) | both. L_PU samples dropout predictive_samples
+      # times per question: ~3x the step time of aleatoric on 2 CPU cores.
+      uncertainty='aleatoric',
+      branch='both',  # Certainty maps on: image (the grid) | question (the words) | both.
+      combine='residual',  # multiply (alpha' = normalise(alpha * M)) | residual (v * (1 + M)).
+      order='first',  # first: stop the gradient at dU/dfeatures | second: through it.
+      aleatoric_loss='published',  # published | kendall_gal.
+      aleatoric_samples=100,  # T_a: Gaussian logit samples per question.
+      predictive_samples=4,  # MC-dropout passes per training question for L_PU.
+  ))
 
   # Optimisation.
   config.seed = 0
@@ -35,5 +50,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   config.checkpoints_to_keep = 2
+  config.report_questions = 16  # Test questions with explanation figures (workdir/report/).
   config.stop_at_step = 0  # > 0: checkpoint and stop there (a time-limited job); rerun resumes.
   return config

@@ -1,10 +1,12 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from ucam_jax import explain, models, sharding, train
+from ucam_jax import explain, gca, models, sharding, train
 
 
 def _batch(batch_size=16, seed=0):
@@ -46,8 +48,9 @@ def test_output_shapes_and_stages():
   # The stages compose to the full model.
   model = models.get_model(config, vocab_size=20, num_answers=13)
   v = model.apply(state.params, batch['image'], method='encode_image')
-  q, words = model.apply(state.params, batch['question'], batch['length'],
-                         method='encode_question')
+  e = model.apply(state.params, batch['question'], method='embed_question')
+  q, words = model.apply(state.params, e, batch['length'], method='encode_question')
+  assert e.shape == (16, 12, 16)
   assert v.shape == (16, 16, 16, 32) and q.shape == (16, 32) and words.shape == (16, 12, 32)
   staged = model.apply(state.params, v, q, method='answer')['logits']
   np.testing.assert_allclose(staged, logits, rtol=1e-5, atol=1e-6)
@@ -64,25 +67,31 @@ def test_question_padding_is_ignored():
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_group_logits_equal_per_question_logits():
+def test_group_features_equal_per_question_features():
   config = tiny_config(None)
   state = _state(config)
   batch = _groups()
-  grouped = train.group_logits(state.apply_fn, state.params, batch)
+  features = train.group_features(state.apply_fn, state.params, batch)
+  grouped = gca.answer(state.apply_fn, state.params,
+                       gca.answer_inputs(state.apply_fn, state.params, features))['logits']
   images = np.repeat(batch['image'], 3, axis=0)
   single = state.apply_fn(state.params, images, batch['question'].reshape(24, 12),
                           batch['length'].reshape(-1))['logits']
   np.testing.assert_allclose(grouped, single, rtol=1e-5, atol=1e-6)
 
 
-def test_padding_questions_do_not_count():
+@pytest.mark.parametrize('mode', ['none', 'mask'])
+def test_padding_questions_do_not_count(mode):
   config = tiny_config(None)
+  config.ucam.mode = mode
   state = _state(config)
   batch = _groups()
-  _, metrics = jax.jit(train.train_step)(state, batch)
+  step = jax.jit(functools.partial(train.train_step, ucam=config.ucam))
+  _, metrics = step(state, batch)
   changed = dict(batch, answer=np.where(batch['weight'] > 0, batch['answer'], 0))
-  _, metrics_changed = jax.jit(train.train_step)(state, changed)
-  np.testing.assert_allclose(metrics['loss'], metrics_changed['loss'], rtol=1e-6)
+  _, metrics_changed = step(state, changed)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), metrics,
+               metrics_changed)
   assert metrics['questions'] == batch['weight'].sum()
 
 
@@ -91,7 +100,7 @@ def test_a_few_steps_lower_the_loss():
   state = _state(config)
   mesh = sharding.make_mesh()
   batch = sharding.shard_batch(_groups(), mesh)
-  step = jax.jit(train.train_step)
+  step = jax.jit(functools.partial(train.train_step, ucam=config.ucam))
   losses = []
   for _ in range(30):
     state, metrics = step(state, batch)
@@ -107,7 +116,7 @@ def test_eight_devices_match_one_device():
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
     state = jax.device_put(_state(config), sharding.replicated(mesh))
-    step = jax.jit(train.train_step)
+    step = jax.jit(functools.partial(train.train_step, ucam=config.ucam))
     losses = []
     for i in range(4):
       state, metrics = step(state, sharding.shard_batch(_groups(seed=i), mesh))
@@ -135,7 +144,8 @@ def test_grad_cam_and_u_cam_on_the_san_grid():
   model = models.get_model(config, vocab_size=20, num_answers=13)
   state = _state(config)
   batch = _batch(4)
-  q, _ = model.apply(state.params, batch['question'], batch['length'], method='encode_question')
+  e = model.apply(state.params, batch['question'], method='embed_question')
+  q, _ = model.apply(state.params, e, batch['length'], method='encode_question')
   v = model.apply(state.params, batch['image'], method='encode_image')
 
   def apply_answer(variables, v, q, **kwargs):
@@ -167,7 +177,8 @@ def test_eval_step_mc_dropout(rate):
   config.model.dropout_rate = rate
   state = _state(config)
   batch = dict(_batch(8), weight=np.ones(8, np.float32))
-  out = train.eval_step(state.params, state.apply_fn, batch, jax.random.PRNGKey(0), 10)
+  out = train.eval_step(state.params, state.apply_fn, batch, jax.random.PRNGKey(0), 10,
+                        config.ucam)
   assert out['mc_probs'].shape == out['probs'].shape == (8, 13)
   if rate == 0:  # Every pass is the deterministic one: no disagreement at all.
     np.testing.assert_allclose(out['mc_probs'], out['probs'], rtol=1e-5, atol=1e-7)

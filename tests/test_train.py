@@ -26,18 +26,22 @@ def test_train_and_evaluate_end_to_end(builder, data_dir, tmp_path):
   test = results['test']
   assert test['num_examples'] == 9_673
   assert 0.0 <= test['accuracy'] <= 1.0 and 0.0 <= test['ece'] <= 1.0
-  assert set(test['uncertainty']) == set(train.UNCERTAINTY_SCORES)
+  assert set(test['uncertainty']) == set(train.uncertainty_scores(tiny_config(data_dir).ucam))
+  assert {'sigma2', 'predictive_variance'} <= set(test['uncertainty'])  # The method is on.
   for score in test['uncertainty'].values():
     assert 0.0 <= score['auroc_wrong'] <= 1.0 and score['mean_wrong'] >= 0.0
   # Dropout is on during the MC passes: the samples disagree somewhere.
   assert test['uncertainty']['mutual_information']['mean_wrong'] > 0
-  for name in ('config.json', 'vocabulary.json', 'metrics.jsonl', 'curves.png', 'metrics.json'):
+  for name in ('config.json', 'vocabulary.json', 'metrics.jsonl', 'curves.png', 'metrics.json',
+               'report/index.html'):
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, 'metrics.json')) as f:
     assert json.load(f)['test'] == results['test']
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if 'train_loss' in r] == [5, 10, 15, 20]
+  assert {'train_answer', 'train_uncertainty', 'train_aleatoric',
+          'train_uncertainty_before_mask'} <= set(records[0])
   assert records[-1]['test_accuracy'] == results['test']['accuracy']
   step, _ = _final_params(workdir)
   assert step == 20
@@ -122,14 +126,18 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 
 
 def test_main_job_end_to_end(builder, data_dir, tmp_path):
+  """The main job, here as the baseline: the override that the README documents."""
   workdir = tmp_path / 'main'
   overrides = [f'--config.{k}={v}' for k, v in dict(
       data_dir=data_dir, num_train_steps=10, batch_size=8, eval_batch_size=1024,
       log_every_steps=5, mc_samples=4).items()]
   result = _main('--config=configs/san.py', f'--workdir={workdir}', *overrides,
-                 '--config.model.stem_features=(8,16)', '--config.model.grid_convs=0')
+                 '--config.model.stem_features=(8,16)', '--config.model.grid_convs=0',
+                 '--config.ucam.mode=none')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'test accuracy' in result.stdout
   with open(workdir / 'metrics.json') as f:
     metrics = json.load(f)
   assert metrics['num_train_steps'] == 10 and metrics['test']['num_examples'] == 9_673
+  assert 'sigma2' not in metrics['test']['uncertainty']  # The baseline's variance head is idle.
+  assert (workdir / 'report' / 'index.html').exists()

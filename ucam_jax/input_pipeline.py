@@ -18,17 +18,21 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ucam_jax.datasets.easy_vqa import EasyVqa
+from ucam_jax.datasets.grounded_shapes import GroundedShapes
 from ucam_jax.text import Vocabulary
 
-BUILDERS = {'easy_vqa': EasyVqa}
+BUILDERS = {'easy_vqa': EasyVqa, 'grounded_shapes': GroundedShapes}
 
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
-  """The dataset's TFDS builder, prepared (built once into `config.data_dir`) on first use."""
+  """The dataset's TFDS builder, prepared (built once into `config.data_dir`) on first use.
+
+  An optional `config.dataset_kwargs` (a ConfigDict) holds the builder's own settings.
+  """
   if config.dataset not in BUILDERS:
     raise ValueError(f'Unknown dataset {config.dataset!r}; known: {sorted(BUILDERS)}.')
   data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
-  builder = BUILDERS[config.dataset](data_dir=data_dir)
+  builder = BUILDERS[config.dataset](data_dir=data_dir, **(config.get('dataset_kwargs') or {}))
   builder.download_and_prepare()
   return builder
 
@@ -122,23 +126,37 @@ def train_batches(groups: QuestionGroups, config, start_step: int = 0):
   process reading its own slice. Arrays: image [b, H, W, 3] uint8; question [b, g, length];
   length, answer, weight [b, g] (g = questions_per_image).
 
-  Every epoch is shuffled differently; the order depends only on `config.seed`.
+  Every epoch is shuffled differently; the order depends only on `config.seed`. Process p reads
+  rows [p * b_local, (p + 1) * b_local) of each global batch, so the global batch, row for row, is
+  the one that a single process reads: dropout masks, which follow the row, do not depend on the
+  number of processes.
   """
   ds = grain.MapDataset.source(groups).seed(config.seed).shuffle().repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
+  ds = ds[jax.process_index()::jax.process_count()]
   return iter(ds[start_step:].to_iter_dataset(read_options(config)))
 
 
 def eval_batches(source, vocab: Vocabulary, config, with_mask: bool = False):
   """The whole split once, in order, in batches of `config.eval_batch_size`; the last one is
-  padded to full size, with `weight` 0 on the padding."""
+  padded to full size, with `weight` 0 on the padding. Each process reads its rows of every
+  batch (as in `train_batches`); returns (this process's batches, number of batches)."""
   batch_size = local_batch_size(config.eval_batch_size)
-  ds = grain.MapDataset.source(source)
-  ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.map(Preprocess(vocab, config.max_question_length, with_mask))
-  ds = ds.batch(batch_size, drop_remainder=False).map(lambda b: pad_batch(b, batch_size))
-  return ds.to_iter_dataset(read_options(config)), len(ds)
+  local = grain.MapDataset.source(source).map(
+      Preprocess(vocab, config.max_question_length, with_mask))
+  local = local.batch(batch_size, drop_remainder=False).map(lambda b: pad_batch(b, batch_size))
+  processes, index = jax.process_count(), jax.process_index()
+  num_batches = -(-len(local) // processes)
+
+  def nth(k):
+    # Every process must run every batch (each is a collective): past the end of the split, a
+    # process repeats the last batch with weight 0.
+    if k * processes + index < len(local):
+      return local[k * processes + index]
+    return {**local[len(local) - 1], 'weight': np.zeros(batch_size, np.float32)}
+
+  ds = grain.MapDataset.range(num_batches).map(nth)
+  return ds.to_iter_dataset(read_options(config)), num_batches
 
 
 def pad_batch(batch, size: int):

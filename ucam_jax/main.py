@@ -4,16 +4,22 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ucam_jax import train
+from ucam_jax import distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/san.py.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and reports go here; a rerun resumes. '
                     'Default: workdir/<config file name>.')
+# Several processes outside SLURM, Open MPI and Cloud TPU (which JAX detects by itself).
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a run of several '
+                    'processes; default: $JAX_COORDINATOR_ADDRESS.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes, with --coordinator_address.')
+flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -42,11 +48,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows it.
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.ERROR)  # Process 0 speaks for all.
   config_file = config_flags.get_config_filename(FLAGS['config'])
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = FLAGS.workdir or os.path.join('workdir', config_name)
   results = train.train_and_evaluate(FLAGS.config, workdir)
-  if 'test' in results:
+  if jax.process_index() == 0 and 'test' in results:
     test = results['test']
     entropy = test['uncertainty']['predictive_entropy']
     print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  ECE {test['ece']:.4f}  "

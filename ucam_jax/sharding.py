@@ -5,6 +5,7 @@ with `jax.make_array_from_process_local_data`, so the same code runs on one CPU 
 """
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 
@@ -27,3 +28,9 @@ def shard_batch(batch, mesh):
   """Process-local numpy batch -> global jax arrays split over devices along the batch axis."""
   sharding = data_parallel(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def to_host(tree):
+  """Global jax arrays -> numpy arrays holding their whole value, on every process. np.asarray
+  cannot read an array split over several processes' devices; this gathers it first."""
+  return multihost_utils.process_allgather(tree, tiled=True)

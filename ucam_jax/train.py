@@ -6,6 +6,7 @@ derived from the seed and the checkpointed state, so a run stopped and resumed e
 parameters as one that never stopped.
 """
 
+import functools
 import json
 import math
 import os
@@ -21,20 +22,13 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm import tqdm
 
-from ucam_jax import input_pipeline, metric_writer, metrics, models, sharding, uncertainty
+from ucam_jax import (distributed, gca, input_pipeline, metric_writer, metrics, models, report,
+                      sharding, uncertainty)
 from ucam_jax.text import Vocabulary
 
 
 class TrainState(train_state.TrainState):
   rng: jax.Array  # Raw uint32 key, split once per step.
-
-
-def cross_entropy(logits, labels, weights=None):
-  """Weighted mean softmax cross-entropy. logits: [batch, answers], labels: [batch] int."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if weights is None:
-    return losses.mean()
-  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
@@ -52,57 +46,71 @@ def create_train_state(config, model: nn.Module, num_steps: int, batch) -> Train
                            tx=make_optimizer(config, num_steps), rng=train_rng)
 
 
-def group_logits(apply_fn, params, batch, **kwargs):
-  """Logits [b * g, answers] for a batch of question groups: each image is encoded once and its
-  features are shared by its g questions. kwargs go to the `answer` stage (dropout)."""
+def group_features(apply_fn, params, batch):
+  """Features of a batch of question groups, one row per question [b * g]: each image is encoded
+  once and its grid is repeated for its g questions. Returns (v, e, lengths), see gca.answer."""
   b, g, length = batch['question'].shape
   v = apply_fn(params, batch['image'], method='encode_image')
-  q, _ = apply_fn(params, batch['question'].reshape(b * g, length), batch['length'].reshape(-1),
-                  method='encode_question')
-  return apply_fn(params, jnp.repeat(v, g, axis=0), q, method='answer', **kwargs)['logits']
+  e = apply_fn(params, batch['question'].reshape(b * g, length), method='embed_question')
+  return jnp.repeat(v, g, axis=0), e, batch['length'].reshape(-1)
 
 
-def train_step(state: TrainState, batch):
-  """One optimiser step on a global batch of question groups. Returns the new state and the
-  batch's mean loss and accuracy over its real (weight 1) questions."""
-  rng, dropout_rng = jax.random.split(state.rng)
+def train_step(state: TrainState, batch, ucam):
+  """One optimiser step on a global batch of question groups under the `config.ucam` switches.
+
+  Returns the new state and the batch's mean loss terms (see gca.forward) and accuracy over its
+  real (weight 1) questions.
+  """
+  rng, step_rng = jax.random.split(state.rng)
   labels, weights = batch['answer'].reshape(-1), batch['weight'].reshape(-1)
 
   def loss_fn(params):
-    logits = group_logits(state.apply_fn, params, batch, deterministic=False,
-                          rngs={'dropout': dropout_rng})
-    return cross_entropy(logits, labels, weights), logits
+    features = group_features(state.apply_fn, params, batch)
+    terms, out = gca.forward(state.apply_fn, params, features, labels, weights, step_rng, ucam,
+                             train=True)
+    return terms['loss'], (terms, out['logits'])
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, rng=rng)
   correct = (logits.argmax(-1) == labels) * weights
-  return state, {'loss': loss, 'accuracy': correct.sum() / weights.sum(),
-                 'questions': weights.sum()}
+  return state, {**terms, 'accuracy': correct.sum() / weights.sum(), 'questions': weights.sum()}
 
 
-# The dropout-based scores. sigma2 and the predictive variance (which adds it) join them once the
-# aleatoric loss trains the variance head; until then they would only report its initialisation.
-UNCERTAINTY_SCORES = ('predictive_entropy', 'expected_entropy', 'mutual_information',
-                      'variation_ratio')
+def uncertainty_scores(ucam) -> tuple[str, ...]:
+  """The per-question scores that the evaluation summarises. sigma2 and the predictive variance
+  (which adds it) count only when an uncertainty loss trains the variance head; in the baseline
+  they would only report its initialisation."""
+  scores = ('predictive_entropy', 'expected_entropy', 'mutual_information', 'variation_ratio')
+  return scores if ucam.mode == 'none' else scores + ('sigma2', 'predictive_variance')
 
 
-def eval_step(params, apply_fn, batch, key, mc_samples: int):
+def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   """Per-question outputs of a padded batch: the deterministic answer and its loss, and the MC
   dropout statistics of `mc_samples` stochastic passes of the answer stage (the image and the
-  question are encoded once)."""
+  question are encoded once).
+
+  In GCA mode the MC passes reuse the certainty maps of the deterministic pass. Also returns
+  the GCA outputs (maps, the first pass's attention).
+  """
   v = apply_fn(params, batch['image'], method='encode_image')
-  q, _ = apply_fn(params, batch['question'], batch['length'], method='encode_question')
-  logits = apply_fn(params, v, q, method='answer')['logits']
+  e = apply_fn(params, batch['question'], method='embed_question')
+  features = (v, e, batch['length'])
+  gca_key, mc_key = jax.random.split(key)
+  _, out = gca.forward(apply_fn, params, features, batch['answer'], batch['weight'], gca_key,
+                       ucam, train=False)
+  maps = {b: out[f'certainty_{b}'] for b in ('image', 'question') if f'certainty_{b}' in out}
+  inputs = gca.answer_inputs(apply_fn, params, features, maps, ucam.combine)
 
   def answer_fn(dropout_key):
-    out = apply_fn(params, v, q, method='answer', deterministic=False,
-                   rngs={'dropout': dropout_key})
-    return out['logits'], out['sigma2']
+    sample = gca.answer(apply_fn, params, inputs, dropout_key)
+    return sample['logits'], sample['sigma2']
 
-  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(answer_fn, key, mc_samples))
+  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(answer_fn, mc_key, mc_samples))
+  logits = out.pop('logits')
+  del out['sigma2']  # The MC mean of sigma2 is in stats.
   return {'probs': jax.nn.softmax(logits), 'mc_probs': stats.pop('probs'),
           'loss': optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer']),
-          **stats}
+          **stats, **out}
 
 
 def evaluate(params, apply_fn, batches, num_batches: int, mesh, config,
@@ -114,16 +122,18 @@ def evaluate(params, apply_fn, batches, num_batches: int, mesh, config,
   is top-label ECE with 15 equal-width bins, NLL and Brier, of the deterministic softmax and of
   the MC-dropout mean.
   """
-  step = jax.jit(eval_step, static_argnums=(1, 4))
+  step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn, mc_samples=config.mc_samples,
+                                   ucam=config.ucam))
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   outputs, labels = [], []
   for i, batch in enumerate(tqdm(batches, total=num_batches, desc=desc, leave=False,
                                  mininterval=2)):
-    out = step(params, apply_fn, sharding.shard_batch(batch, mesh), jax.random.fold_in(key, i),
-               config.mc_samples)
-    real = batch['weight'] > 0
-    outputs.append(jax.tree.map(lambda x: np.asarray(x)[real], out))
-    labels.append(batch['answer'][real])
+    batch = sharding.shard_batch(batch, mesh)
+    out = step(params, batch=batch, key=jax.random.fold_in(key, i))
+    # The whole global batch on every process: its rows live on all processes' devices.
+    out, answer, weight = sharding.to_host((out, batch['answer'], batch['weight']))
+    outputs.append(jax.tree.map(lambda x: x[weight > 0], out))
+    labels.append(answer[weight > 0])
   out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
   labels = np.concatenate(labels)
   wrong = out['probs'].argmax(-1) != labels
@@ -140,7 +150,7 @@ def evaluate(params, apply_fn, batches, num_batches: int, mesh, config,
               'mean_wrong': float(out[score][wrong].mean()) if wrong.any() else None,
               'auroc_wrong': metrics.auroc(out[score], wrong),
               'aupr_wrong': metrics.aupr(out[score], wrong)}
-      for score in UNCERTAINTY_SCORES}
+      for score in uncertainty_scores(config.ucam)}
   return results
 
 
@@ -148,7 +158,7 @@ def prepare_workdir(workdir: str) -> None:
   """Creates the workdir, or fails with a message that says what to do."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    probe = os.path.join(workdir, f'.write_test{jax.process_index()}')  # Processes may share it.
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
@@ -164,8 +174,17 @@ def load_or_build_vocabulary(workdir: str, table: input_pipeline.QuestionTable) 
   if os.path.exists(path):
     return Vocabulary.load(path)
   vocab = Vocabulary.build(table.question)
-  vocab.save(path)
+  if jax.process_index() == 0:  # Every process builds the same one.
+    vocab.save(path + '.tmp')
+    os.replace(path + '.tmp', path)  # Whole or absent for the other processes reading it.
   return vocab
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes the file whole (via a rename), so that another process never reads half of it."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
 
 
 def stop_if_not_finite(step_metrics: list[dict], step: int,
@@ -196,7 +215,9 @@ def check_same_model(workdir: str, config) -> None:
   with open(path) as f:
     saved = json.load(f).get('model', {})
   current = json.loads(config.model.to_json_best_effort())
-  changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+  # The compute dtype leaves the parameters as they are: a run may resume in another precision.
+  changed = sorted(k for k in (saved.keys() | current.keys()) - {'dtype'}
+                   if saved.get(k) != current.get(k))
   if changed:
     raise ValueError(
         f'The checkpoints in {workdir} do not fit this config: model ' + ', '.join(
@@ -213,10 +234,15 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.dataset`, evaluates on the test split, writes the workdir.
 
-  Writes config.json, vocabulary.json, checkpoints/, metrics.jsonl, curves.png and metrics.json.
-  Returns the contents of metrics.json.
+  Writes config.json, vocabulary.json, checkpoints/, metrics.jsonl, curves.png, metrics.json
+  and report/ (the explanation figures and index.html).
+  Returns the contents of metrics.json. With several processes each trains on its slice of every
+  batch and all take part in each checkpoint; only process 0 writes the other files and reports.
+  SIGTERM (preemption) checkpoints at the next step and returns early, as `stop_at_step` does.
   """
   start_time = time.time()
+  gca.check_config(config.ucam)
+  main_process = jax.process_index() == 0
   prepare_workdir(workdir)
   builder = input_pipeline.get_builder(config)
   table = input_pipeline.question_table(builder, 'train')
@@ -247,50 +273,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           'Resume with the same config, or start afresh with a new --workdir.') from e
   start_step = int(state.step)
   # Written only now, so a failed resume leaves the earlier run's config.json as it was.
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if main_process:
+    write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
-  writer = metric_writer.MetricWriter(workdir, resume_step=start_step)
-  step_fn = jax.jit(train_step, donate_argnums=0,
+  writer = metric_writer.MetricWriter(workdir, resume_step=start_step) if main_process else None
+  step_fn = jax.jit(functools.partial(train_step, ucam=config.ucam), donate_argnums=0,
                     out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
   stop_step = min(num_steps, config.stop_at_step or num_steps)
   batches = input_pipeline.train_batches(groups, config, start_step)
-  pending, last_train = [], {}
+  pending, last_train, preempted = [], {}, False
   window_start = time.time()
-  with tqdm(total=num_steps, initial=start_step, desc='train', mininterval=2) as bar:
+  with (distributed.preemption_notice() as preemption_reached,
+        tqdm(total=num_steps, initial=start_step, desc='train', mininterval=2,
+             disable=not main_process) as bar):
     for step in range(start_step + 1, stop_step + 1):
       state, step_metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
       pending.append(step_metrics)
       bar.update()
-      checkpoint_due = step % config.checkpoint_every_steps == 0 or step == stop_step
+      preempted = preemption_reached(step)  # Asked at every step: processes agree on the step.
+      last_step = preempted or step == stop_step
+      checkpoint_due = step % config.checkpoint_every_steps == 0 or last_step
       if checkpoint_due or step % config.log_every_steps == 0:
         pending = jax.device_get(pending)
         stop_if_not_finite(pending, step, manager)  # Before anything from it is saved.
-      if step % config.log_every_steps == 0 or step == stop_step:
+      if step % config.log_every_steps == 0 or last_step:
         questions = sum(m['questions'] for m in pending)
         last_train = {f'train_{k}': float(sum(m[k] * m['questions'] for m in pending) / questions)
-                      for k in ('loss', 'accuracy')}
+                      for k in pending[0] if k != 'questions'}
         last_train['questions_per_sec'] = float(questions) / (time.time() - window_start)
-        writer.write(step, last_train)
+        if writer:
+          writer.write(step, last_train)
         bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
                         acc=f"{last_train['train_accuracy']:.3f}")
         pending, window_start = [], time.time()
       if checkpoint_due:
         manager.save(step, args=ocp.args.StandardSave(state))
+      if preempted:
+        break
   manager.wait_until_finished()
   manager.close()
 
   results = {'step': int(state.step), 'num_train_steps': num_steps, **last_train}
   if int(state.step) < num_steps:
-    print(f'Stopped at step {int(state.step)} of {num_steps} (stop_at_step); rerun the same '
-          'command to resume.')
+    if main_process:
+      print(f'Stopped at step {int(state.step)} of {num_steps} '
+            f"({'SIGTERM' if preempted else 'stop_at_step'}); the checkpoint is saved: rerun the "
+            'same command to resume.')
     return results
   test_source = input_pipeline.data_source(builder, 'test')
   batches, num_batches = input_pipeline.eval_batches(test_source, vocab, config)
   test = evaluate(state.params, state.apply_fn, batches, num_batches, mesh, config, desc='test')
-  writer.write(num_steps, {f'test_{k}': test[k] for k in ('accuracy', 'loss', 'ece')})
-  metric_writer.plot_curves(workdir)
+  sample = report.explain_sample(state.apply_fn, state.params, test_source, vocab, config)
   results.update(test=test, wall_time_s=time.time() - start_time)
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  if main_process:
+    writer.write(num_steps, {f'test_{k}': test[k] for k in ('accuracy', 'loss', 'ece')})
+    metric_writer.plot_curves(workdir)
+    report.write(workdir, sample, vocab, builder.info.features['answer'].names, config,
+                 {f'test {k}': test[k] for k in ('accuracy', 'ece', 'nll', 'brier')})
+    write_text(os.path.join(workdir, 'metrics.json'), json.dumps(results, indent=2))
   return results

@@ -7,17 +7,31 @@ import jax
 import jax.numpy as jnp
 
 
+def _at_least_float32(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class AttentionHop(nn.Module):
   """One SAN hop: attend over the grid with query u, return u + attended features."""
   dim: int
+  dtype: str = 'float32'  # Computation; parameters are float32.
 
   @nn.compact
-  def __call__(self, v, u):
-    """v: [batch, cells, d], u: [batch, d] -> (u' [batch, d], attention [batch, cells])."""
-    h = jnp.tanh(nn.Dense(self.dim, use_bias=False, name='image')(v)
-                 + nn.Dense(self.dim, name='query')(u)[:, None])
+  def __call__(self, v, u, certainty=None):
+    """v: [batch, cells, d], u: [batch, d] -> (u' [batch, d], attention [batch, cells]).
+
+    certainty: optional [batch, cells] map >= 0 (GCA): the attention becomes
+    normalise(attention * certainty); where that product is all zero the attention is kept.
+    """
+    h = jnp.tanh(nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name='image')(v)
+                 + nn.Dense(self.dim, dtype=self.dtype, name='query')(u)[:, None])
     # No bias on the score: softmax ignores it, so its gradient would be pure round-off.
-    attention = jax.nn.softmax(nn.Dense(1, use_bias=False, name='score')(h)[..., 0], axis=-1)
+    score = nn.Dense(1, use_bias=False, dtype=self.dtype, name='score')(h)[..., 0]
+    attention = jax.nn.softmax(_at_least_float32(score), axis=-1)  # bfloat16 keeps 3 digits.
+    if certainty is not None:
+      masked = attention * certainty
+      total = masked.sum(-1, keepdims=True)
+      attention = jnp.where(total > 0, masked / jnp.where(total > 0, total, 1), attention)
     return u + jnp.einsum('bn,bnd->bd', attention, v), attention
 
 
@@ -32,22 +46,30 @@ class SAN(nn.Module):
   num_hops: int = 2
   classifier_dim: int = 256
   dropout_rate: float = 0.2
+  # Mixed precision: 'bfloat16' computes the layers in bfloat16 (TPU, recent GPUs). Parameters,
+  # the LSTM state and the logits (so the losses) stay float32.
+  dtype: str = 'float32'
 
   def setup(self):
     # Stride-2 convs down to the grid, then stride-1 convs on the grid, which widen what each
     # cell sees (receptive field 15 -> 31 pixels with three + one) at little cost.
-    self.stem = ([nn.Conv(f, (3, 3), strides=2, name=f'conv{i}')
+    self.stem = ([nn.Conv(f, (3, 3), strides=2, dtype=self.dtype, name=f'conv{i}')
                   for i, f in enumerate(self.stem_features)]
-                 + [nn.Conv(self.stem_features[-1], (3, 3), name=f'grid_conv{i}')
+                 + [nn.Conv(self.stem_features[-1], (3, 3), dtype=self.dtype, name=f'grid_conv{i}')
                     for i in range(self.grid_convs)])
-    self.image_proj = nn.Dense(self.hidden_dim)
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim)
-    self.lstm = nn.RNN(nn.OptimizedLSTMCell(self.hidden_dim), return_carry=True)
-    self.hops = [AttentionHop(self.attention_dim) for _ in range(self.num_hops)]
+    self.image_proj = nn.Dense(self.hidden_dim, dtype=self.dtype)
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
+    # The carry is created in param_dtype and stays so: gates in dtype, state in float32 (float64
+    # when dtype is float64, for gradient checks).
+    cell = nn.OptimizedLSTMCell(self.hidden_dim, dtype=self.dtype,
+                                param_dtype=jnp.promote_types(self.dtype, jnp.float32))
+    self.lstm = nn.RNN(cell, return_carry=True)
+    self.hops = [AttentionHop(self.attention_dim, self.dtype) for _ in range(self.num_hops)]
     self.dropout = nn.Dropout(self.dropout_rate)
     # A hidden layer: a linear read-out of u = q + attended v cannot test whether the colour or
     # shape asked about equals the one seen (the yes/no questions).
-    self.hidden = nn.Dense(self.classifier_dim)
+    self.hidden = nn.Dense(self.classifier_dim, dtype=self.dtype)
+    # No dtype: the logits (so the losses) are float32 under bfloat16, float64 under float64.
     self.classifier = nn.Dense(self.num_answers)
     self.variance = nn.Dense(1)  # The aleatoric variance head (SPEC section 3).
 
@@ -64,15 +86,27 @@ class SAN(nn.Module):
       x = nn.relu(conv(x))
     return jnp.tanh(self.image_proj(x))
 
-  def encode_question(self, tokens, lengths):
-    """tokens: [batch, length] int, lengths: [batch] -> (q [batch, d], words [batch, length, d])."""
-    (_, q), words = self.lstm(self.embed(tokens), seq_lengths=lengths)
+  def embed_question(self, tokens):
+    """tokens: [batch, length] int -> word embeddings e [batch, length, embed_dim]."""
+    return self.embed(tokens)
+
+  def encode_question(self, e, lengths):
+    """e: [batch, length, embed_dim] (embed_question), lengths: [batch] ->
+    (q [batch, d], words [batch, length, d]).
+
+    e is exposed to `ucam_jax.explain` as the intermediate 'words': a map over it weights the
+    question's words.
+    """
+    e = self.perturb('words', e)
+    self.sow('intermediates', 'words', e)
+    (_, q), words = self.lstm(e, seq_lengths=lengths)
     return q, words
 
-  def answer(self, v, q, *, deterministic: bool = True):
+  def answer(self, v, q, certainty=None, *, deterministic: bool = True):
     """v: [batch, h, w, d], q: [batch, d] -> {'logits': [batch, answers], 'sigma2': [batch],
     'attention': [batch, hops, h, w]}.
 
+    certainty: optional [batch, h, w] map >= 0 that multiplies every hop's attention (GCA).
     v is exposed to `ucam_jax.explain` as the intermediate 'grid' (perturb + sow), so Grad-CAM
     and U-CAM maps are taken with respect to it. sigma2 = softplus(Linear(logits)) is the
     per-example aleatoric variance.
@@ -82,9 +116,11 @@ class SAN(nn.Module):
     batch, h, w, d = v.shape
     v = self.dropout(v, deterministic=deterministic).reshape(batch, h * w, d)
     u = self.dropout(q, deterministic=deterministic)
+    if certainty is not None:
+      certainty = certainty.reshape(batch, h * w)
     maps = []
     for hop in self.hops:
-      u, attention = hop(v, u)
+      u, attention = hop(v, u, certainty)
       maps.append(attention.reshape(batch, h, w))
     hidden = self.hidden(self.dropout(u, deterministic=deterministic))
     hidden = nn.relu(hidden)
@@ -93,5 +129,5 @@ class SAN(nn.Module):
     return {'logits': logits, 'sigma2': sigma2, 'attention': jnp.stack(maps, axis=1)}
 
   def __call__(self, images, tokens, lengths, *, deterministic: bool = True):
-    q, _ = self.encode_question(tokens, lengths)
+    q, _ = self.encode_question(self.embed_question(tokens), lengths)
     return self.answer(self.encode_image(images), q, deterministic=deterministic)
