@@ -98,6 +98,8 @@ check_flags() {
   LOG_DIR=$(absolute "$LOG_DIR")
 }
 
+# --signal=TERM@120: every task gets SIGTERM two minutes before the time limit, so training
+# checkpoints at the next step and exits 0; submitting again resumes.
 batch_script() {
   local device_ids main_args=(--config="$CONFIG" --workdir="$WORKDIR")
   if (( ${#MAIN_ARGS[@]} )); then main_args+=("${MAIN_ARGS[@]}"); fi  # bash 3.2 (macOS) safe
@@ -112,6 +114,7 @@ batch_script() {
 #SBATCH --mem=0
 #SBATCH --partition=$PARTITION
 #SBATCH --time=$TIME
+#SBATCH --signal=TERM@120
 EOF
   if [[ -n $ACCOUNT ]]; then echo "#SBATCH --account=$ACCOUNT"; fi
   cat <<EOF

@@ -47,8 +47,8 @@ Flags (--flag VALUE or --flag=VALUE):
   --config PATH            config file, relative to the repo (run)
                            (default: configs/san.py)
   --workdir DIR            checkpoints and metrics (run)                 [required]
-                           multi-host runs need a path every worker shares,
-                           e.g. gs://BUCKET/RUN
+                           multi-host runs need a directory every worker
+                           shares, e.g. an NFS (Filestore) mount
   --dry-run                print the commands instead of running them
   -h, --help               show this help
 
@@ -56,7 +56,7 @@ Arguments after `--` are passed to ucam_jax.main, e.g. -- --config.batch_size=51
 
 Example:
   launch/tpu_vm.sh all --name=ucam --zone=us-central2-b --accelerator-type=v4-32 \
-    --version=tpu-ubuntu2204-base --queued --workdir=gs://my-bucket/ucam/san \
+    --version=tpu-ubuntu2204-base --queued --workdir=/mnt/ucam/san \
     -- --config.num_epochs=50
 EOF
 }
@@ -115,9 +115,9 @@ check_flags() {
   case $SUBCOMMAND in
     run | all)
       require --workdir "$WORKDIR"
-      if is_multi_host && [[ $WORKDIR != gs://* ]]; then
+      if is_multi_host && [[ $WORKDIR != /* ]]; then
         echo "tpu_vm.sh: warning: $ACCELERATOR_TYPE is multi-host;" \
-          "--workdir=$WORKDIR must be shared by all workers (e.g. gs://...)" >&2
+          "--workdir=$WORKDIR must be a directory all workers share (e.g. an NFS mount)" >&2
       fi ;;
   esac
 }

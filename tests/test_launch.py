@@ -236,7 +236,7 @@ def test_slurm_two_nodes_eight_gpus(stub_env):
 
   assert script[0] == '#!/bin/bash'
   for directive in ['--nodes=2', '--ntasks-per-node=1', '--gpus-per-node=8',
-                    '--partition=gpu', '--time=12:00:00', '--account=vqa',
+                    '--partition=gpu', '--time=12:00:00', '--account=vqa', '--signal=TERM@120',
                     '--output=/shared/runs/ucam-san/slurm-%j.out']:
     assert f'#SBATCH {directive}' in script
   assert 'export PATH=/shared/venvs/ucam/bin:$PATH' in script
