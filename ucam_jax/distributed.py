@@ -80,4 +80,4 @@ def preemption_notice() -> Iterator[Callable[[int], bool]]:
   try:
     yield lambda step: received.is_set()
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
