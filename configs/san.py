@@ -51,5 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.checkpoints_to_keep = 2
   config.report_questions = 16  # Test questions with explanation figures (workdir/report/).
+  # Deletion / insertion AUC of the maps (ucam_jax/evaluate.py): test questions fixed by the seed,
+  # and steps; each step is a forward pass of the questions for every map type.
+  config.faithfulness_questions = 128
+  config.faithfulness_steps = 16
   config.stop_at_step = 0  # > 0: checkpoint and stop there (a time-limited job); rerun resumes.
   return config

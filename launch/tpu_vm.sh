@@ -47,8 +47,8 @@ Flags (--flag VALUE or --flag=VALUE):
   --config PATH            config file, relative to the repo (run)
                            (default: configs/san.py)
   --workdir DIR            checkpoints and metrics (run)                 [required]
-                           multi-host runs need a directory every worker
-                           shares, e.g. an NFS (Filestore) mount
+                           multi-host runs need one every worker shares:
+                           an NFS (Filestore) mount or gs://BUCKET/DIR
   --dry-run                print the commands instead of running them
   -h, --help               show this help
 
@@ -115,9 +115,9 @@ check_flags() {
   case $SUBCOMMAND in
     run | all)
       require --workdir "$WORKDIR"
-      if is_multi_host && [[ $WORKDIR != /* ]]; then
+      if is_multi_host && [[ $WORKDIR != /* && $WORKDIR != gs://* ]]; then
         echo "tpu_vm.sh: warning: $ACCELERATOR_TYPE is multi-host;" \
-          "--workdir=$WORKDIR must be a directory all workers share (e.g. an NFS mount)" >&2
+          "--workdir=$WORKDIR must be one all workers share (an NFS mount or gs://BUCKET/DIR)" >&2
       fi ;;
   esac
 }

@@ -26,6 +26,17 @@ def builder(data_dir):
   return input_pipeline.get_builder(config)
 
 
+@pytest.fixture(scope='session')
+def small_data_dir(tmp_path_factory):
+  """easy-VQA cut to 40 images per split, in its own TFDS directory: `--config.data_dir` finds
+  it prepared, so a run spends seconds, not minutes, reading and evaluating."""
+  root = tmp_path_factory.mktemp('small_easy_vqa')
+  source = make_source_dir(root / 'source', num_images=40, questions_per_image=12)
+  data_dir = str(root / 'tfds')
+  easy_vqa.EasyVqa(source_dir=source, data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
 def tiny_config(data_dir, **overrides):
   """configs/san.py shrunk to run in seconds."""
   config = san.get_config()
@@ -33,7 +44,7 @@ def tiny_config(data_dir, **overrides):
   config.model.stem_features = (8, 16)
   config.model.update(embed_dim=16, hidden_dim=32, attention_dim=16, classifier_dim=32)
   config.update(batch_size=8, eval_batch_size=512, num_train_steps=20, log_every_steps=5,
-                checkpoint_every_steps=10, mc_samples=4)
+                checkpoint_every_steps=10, mc_samples=4, faithfulness_questions=16)
   config.update(overrides)
   return config
 

@@ -21,24 +21,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import san
-from tests.conftest import make_source_dir, tiny_config
+from tests.conftest import tiny_config
 from ucam_jax import distributed, input_pipeline, models, train
-from ucam_jax.datasets import easy_vqa
 from ucam_jax.text import Vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
-
-
-@pytest.fixture(scope='module')
-def small_data_dir(tmp_path_factory):
-  """easy-VQA cut to 40 images per split, in its own TFDS directory: `--config.data_dir` finds
-  it prepared, so the processes spend seconds, not minutes, reading and evaluating."""
-  root = tmp_path_factory.mktemp('small_easy_vqa')
-  source = make_source_dir(root / 'source', num_images=40, questions_per_image=12)
-  data_dir = str(root / 'tfds')
-  easy_vqa.EasyVqa(source_dir=source, data_dir=data_dir).download_and_prepare()
-  return data_dir
 
 
 def small_config(data_dir, **overrides):

@@ -216,7 +216,7 @@ def test_store_is_memory_mapped_not_loaded(extracted):
 
 def test_extraction_is_deterministic_and_the_command_runs(extracted, tmp_path):
   argv = ['extract_features', f'--manual_dir={extracted["manual_dir"]}', '--version=v1',
-          '--split=train', f'--weights={extracted["weights"]}', f'--out={tmp_path}',
+          '--split=train', f'--weights={extracted["weights"]}', f'--features_dir={tmp_path}',
           f'--image_size={SIZE}', '--batch_size=8']
   extract_features.FLAGS(argv)
   try:
@@ -337,7 +337,7 @@ def test_missing_store_names_the_command_that_writes_it(extracted, tmp_path):
   message = str(error.value)
   for split in ('train', 'validation'):
     assert (f'python -m ucam_jax.extract_features --manual_dir={manual_dir} --version=v1 '
-            f'--split={split} --out={root}') in message
+            f'--split={split} --features_dir={root}') in message
 
 
 def test_store_lacking_images_or_of_another_shape_is_an_error(extracted, tmp_path):

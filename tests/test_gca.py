@@ -11,7 +11,7 @@ import pytest
 
 from configs import san
 from tests.conftest import tiny_config
-from ucam_jax import gca, models, train, uncertainty
+from ucam_jax import evaluate, gca, models, uncertainty
 
 
 def _ucam(**overrides):
@@ -132,11 +132,18 @@ def test_second_order_is_the_true_gradient_and_first_order_is_not():
         assert abs(analytic - numeric) > 1e-4 * abs(numeric), (analytic, numeric)
 
 
-SWITCH_GRID = [dict(mode='none'), dict(mode='loss_only', uncertainty='both'),
-               dict(mode='loss_only', aleatoric_loss='kendall_gal')] + [
-    dict(mode='mask', uncertainty=u, branch=b, combine=c)
-    for u, b, c in itertools.product(('aleatoric', 'predictive', 'both'),
-                                     ('image', 'question', 'both'), ('multiply', 'residual'))]
+# Every value of every switch at least once, and each mask branch with each combination.
+SWITCH_GRID = [
+    dict(mode='none'),
+    dict(mode='loss_only', uncertainty='both'),
+    dict(mode='loss_only', aleatoric_loss='kendall_gal'),
+    dict(mode='mask', uncertainty='aleatoric', branch='image', combine='multiply'),
+    dict(mode='mask', uncertainty='predictive', branch='question', combine='residual'),
+    dict(mode='mask', uncertainty='both', branch='both', combine='multiply'),
+    dict(mode='mask', uncertainty='both', branch='both', combine='residual', order='second'),
+    dict(mode='mask', uncertainty='aleatoric', branch='question', combine='multiply',
+         aleatoric_loss='kendall_gal'),
+]
 
 
 @pytest.mark.parametrize('switches', SWITCH_GRID, ids=lambda s: '-'.join(s.values()))
@@ -222,8 +229,8 @@ def test_evaluation_never_sees_the_answer():
   tokens = np.random.default_rng(1).integers(2, 20, (3, 5)).astype(np.int32)
   batch = {'image': images, 'question': tokens, 'length': lengths, 'answer': labels,
            'weight': np.ones(3, np.float32)}
-  step = jax.jit(lambda b: train.eval_step(params, model.apply, b, jax.random.PRNGKey(0), 4,
-                                           config.ucam))
+  step = jax.jit(lambda b: evaluate.eval_step(params, model.apply, b, jax.random.PRNGKey(0), 4,
+                                              config.ucam))
   out = step(batch)
   other = step(dict(batch, answer=(labels + 1) % 13))
   for key in out:

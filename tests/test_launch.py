@@ -158,6 +158,16 @@ def test_tpu_run_quotes_overrides_for_the_remote_shell(stub_env):
   assert '--config.note=a b' in shlex.split(remote_command(launch))
 
 
+@pytest.mark.parametrize('workdir, warns', [
+    (WORKDIR, False), ('/mnt/ucam/san', False), ('runs/san', True)])
+def test_tpu_multi_host_run_warns_of_a_workdir_the_workers_may_not_share(stub_env, workdir,
+                                                                          warns):
+  result = run_script(stub_env, TPU_VM, 'run', '--dry-run', *TPU_FLAGS, '--accelerator-type=v4-32',
+                      f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr
+  assert ('warning' in result.stderr) == warns, result.stderr
+
+
 def test_tpu_single_host_create_and_delete(stub_env):
   out = dry_run(stub_env, TPU_VM, 'create', '--name=ucam-test', '--zone=us-central2-b',
                 '--accelerator-type', 'v4-8', '--version', 'tpu-ubuntu2204-base')

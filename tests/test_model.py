@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from ucam_jax import explain, gca, models, sharding, train
+from ucam_jax import evaluate, explain, gca, models, sharding, train
 
 
 def _batch(batch_size=16, seed=0):
@@ -177,8 +177,8 @@ def test_eval_step_mc_dropout(rate):
   config.model.dropout_rate = rate
   state = _state(config)
   batch = dict(_batch(8), weight=np.ones(8, np.float32))
-  out = train.eval_step(state.params, state.apply_fn, batch, jax.random.PRNGKey(0), 10,
-                        config.ucam)
+  out = evaluate.eval_step(state.params, state.apply_fn, batch, jax.random.PRNGKey(0), 10,
+                           config.ucam)
   assert out['mc_probs'].shape == out['probs'].shape == (8, 13)
   if rate == 0:  # Every pass is the deterministic one: no disagreement at all.
     np.testing.assert_allclose(out['mc_probs'], out['probs'], rtol=1e-5, atol=1e-7)

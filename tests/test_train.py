@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import tiny_config
-from ucam_jax import train
+from ucam_jax import evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def test_train_and_evaluate_end_to_end(builder, data_dir, tmp_path):
   test = results['test']
   assert test['num_examples'] == 9_673
   assert 0.0 <= test['accuracy'] <= 1.0 and 0.0 <= test['ece'] <= 1.0
-  assert set(test['uncertainty']) == set(train.uncertainty_scores(tiny_config(data_dir).ucam))
+  assert set(test['uncertainty']) == set(evaluate.uncertainty_scores(tiny_config(data_dir).ucam))
   assert {'sigma2', 'predictive_variance'} <= set(test['uncertainty'])  # The method is on.
   for score in test['uncertainty'].values():
     assert 0.0 <= score['auroc_wrong'] <= 1.0 and score['mean_wrong'] >= 0.0

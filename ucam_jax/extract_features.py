@@ -1,7 +1,7 @@
 r"""Grid features of the COCO images of a VQA split, with a Flax ResNet from a local weights file.
 
   python -m ucam_jax.extract_features --manual_dir=/data/vqa --version=v1 --split=train \
-      --weights=resnet152_imagenet.npz [--out=/data/vqa/grid_features] [--image_size=448] \
+      --weights=resnet152_imagenet.npz [--features_dir=/data/vqa/grid_features] [--image_size=448] \
       [--batch_size=32] [--dtype=float32]
 
 Reads the questions of the split (the layout of `datasets/vqa.py`), and for every image they use
@@ -130,24 +130,30 @@ def _write(writer, bar, start, count, grids):
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('manual_dir', None, 'The VQA manual directory (layout: datasets/vqa.py).')
-flags.DEFINE_enum('version', 'v1', ['v1', 'v2'], 'VQA version: which question files to read.')
-flags.DEFINE_enum('split', 'train', [s.name for s in vqa.SPLITS],
-                  'TFDS split whose images to extract; test and test_dev share one store.')
-flags.DEFINE_string('weights', None, 'ResNet weights .npz (resnet.save_variables); see '
-                    'docs/grid_features.md for converting torchvision ImageNet weights.')
-flags.DEFINE_string('out', None, 'Root of the stores (default <manual_dir>/grid_features); '
-                    'the store is <out>/<image folder>, e.g. <out>/train2014.')
-flags.DEFINE_integer('image_size', 448, 'Images are squashed to this square size.')
-flags.DEFINE_integer('batch_size', 32, 'Images per step (rounded up to the device count).')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'ResNet computation dtype.')
-flags.DEFINE_integer('num_threads', 8, 'Threads decoding and resizing JPEGs.')
+
+
+def define_flags():
+  """The command's flags; defined only when it runs, so that importing this module (tests, a
+  notebook) beside another command's module defines no clashing flag."""
+  flags.DEFINE_string('manual_dir', None, 'The VQA manual directory (layout: datasets/vqa.py).')
+  flags.DEFINE_enum('version', 'v1', ['v1', 'v2'], 'VQA version: which question files to read.')
+  flags.DEFINE_enum('split', 'train', [s.name for s in vqa.SPLITS],
+                    'TFDS split whose images to extract; test and test_dev share one store.')
+  flags.DEFINE_string('weights', None, 'ResNet weights .npz (resnet.save_variables); see '
+                      'docs/grid_features.md for converting torchvision ImageNet weights.')
+  flags.DEFINE_string('features_dir', None, 'Root of the stores (default '
+                      '<manual_dir>/grid_features); the store is <features_dir>/<image folder>, '
+                      'e.g. <features_dir>/train2014.')
+  flags.DEFINE_integer('image_size', 448, 'Images are squashed to this square size.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per step (rounded up to the device count).')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'ResNet computation dtype.')
+  flags.DEFINE_integer('num_threads', 8, 'Threads decoding and resizing JPEGs.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  path = extract(FLAGS.manual_dir, FLAGS.version, FLAGS.split, FLAGS.weights, FLAGS.out,
+  path = extract(FLAGS.manual_dir, FLAGS.version, FLAGS.split, FLAGS.weights, FLAGS.features_dir,
                  FLAGS.image_size, FLAGS.batch_size, FLAGS.dtype, FLAGS.num_threads)
   with open(os.path.join(path, grid_store.INDEX)) as f:
     index = json.load(f)
@@ -155,5 +161,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['manual_dir', 'weights'])
   app.run(main)

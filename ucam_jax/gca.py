@@ -111,8 +111,9 @@ def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool
   Returns:
     (terms, outputs). terms: scalars 'loss', 'answer' and, unless mode is 'none',
     'uncertainty' (U) with its parts 'aleatoric' / 'predictive'; in mode 'mask' also
-    'uncertainty_before_mask', the first pass's U of its own answer. outputs: the answer outputs ('logits', 'sigma2', 'attention'); in
-    mode 'mask' 'attention' is the GCA attention, 'model_attention' that of the first pass, and
+    'uncertainty_before_mask', the first pass's U of its own answer. outputs: the answer
+    outputs ('logits', 'sigma2', 'attention'); in mode 'mask' 'attention' is the GCA attention,
+    'model_attention' that of the first pass, and
     'certainty_image' [n, h, w] / 'certainty_question' [n, length] the maps of the chosen branch.
   """
   dropout_key, noise_key, sample_key = jax.random.split(key, 3)

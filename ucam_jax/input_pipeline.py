@@ -97,7 +97,8 @@ class QuestionGroups:
 
 
 class Preprocess(grain.transforms.Map):
-  """TFDS example -> model inputs: uint8 image, question ids and length, answer id."""
+  """TFDS example -> model inputs: uint8 image, question ids and length, answer id; with_mask:
+  the ground-truth attention 'mask' [H, W] bool; the question 'family' where the split has it."""
 
   def __init__(self, vocab: Vocabulary, max_question_length: int, with_mask: bool = False):
     self.vocab = vocab
@@ -110,6 +111,8 @@ class Preprocess(grain.transforms.Map):
            'answer': np.int32(example['answer']), 'image_id': np.int32(example['image_id'])}
     if self.with_mask:
       out['mask'] = example['mask'][..., 0] > 0
+    if 'family' in example:  # Grounded shapes: the evaluation reports accuracy per family.
+      out['family'] = np.int32(example['family'])
     return out
 
 

@@ -1,4 +1,7 @@
-"""Train and evaluate: python -m ucam_jax.main --config=configs/san.py [--config.key=value ...]."""
+"""Train and evaluate: python -m ucam_jax.main --config=configs/san.py [--config.key=value ...].
+
+--mode=eval evaluates the latest checkpoint in --workdir instead (metrics.json and report/).
+"""
 
 import os
 import re
@@ -13,6 +16,8 @@ from ucam_jax import distributed, train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/san.py.',
                                 lock_config=True)
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train: train (or resume), then evaluate '
+                  'on the test split. eval: only evaluate the latest checkpoint in --workdir.')
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and reports go here; a rerun resumes. '
                     'Default: workdir/<config file name>.')
 # Several processes outside SLURM, Open MPI and Cloud TPU (which JAX detects by itself).
@@ -54,16 +59,27 @@ def main(argv):
   config_file = config_flags.get_config_filename(FLAGS['config'])
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = FLAGS.workdir or os.path.join('workdir', config_name)
-  results = train.train_and_evaluate(FLAGS.config, workdir)
+  if FLAGS.mode == 'eval':
+    try:
+      results = train.evaluate_checkpoint(FLAGS.config, workdir)
+    except FileNotFoundError as e:
+      sys.exit(f'{e} For example: python -m ucam_jax.main --config={config_file} '
+               f'--workdir={workdir}')
+    run = f"step {results['evaluated_step']}, {results['eval_wall_time_s']:.0f} s"
+  else:
+    results = train.train_and_evaluate(FLAGS.config, workdir)
+    run = f"{results['num_train_steps']} steps, {results.get('wall_time_s', 0):.0f} s"
   if jax.process_index() == 0 and 'test' in results:
     test = results['test']
     entropy = test['uncertainty']['predictive_entropy']
     print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  ECE {test['ece']:.4f}  "
-          f"({test['num_examples']} questions, {results['num_train_steps']} steps, "
-          f"{results['wall_time_s']:.0f} s)\n"
+          f"({test['num_examples']} questions, {run})\n"
           f"predictive entropy (MC dropout): correct {_fmt(entropy['mean_correct'])}, wrong "
-          f"{_fmt(entropy['mean_wrong'])}, AUROC for wrong answers {entropy['auroc_wrong']:.3f}\n"
-          f"wrote {os.path.join(workdir, 'metrics.json')}")
+          f"{_fmt(entropy['mean_wrong'])}, AUROC for wrong answers {entropy['auroc_wrong']:.3f}")
+    if 'spearman' in next(iter(test.get('maps', {}).values()), {}):
+      print('Spearman with the ground-truth attention: ' + ', '.join(
+          f"{name} {_fmt(values['spearman'])}" for name, values in test['maps'].items()))
+    print(f"wrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report')}")
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

@@ -1,9 +1,11 @@
 """Metrics to the workdir: one JSON object per line, and a plot of the curves."""
 
 import json
-import os
 
 import matplotlib
+from etils import epath
+
+from ucam_jax import storage
 
 matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
@@ -12,29 +14,32 @@ METRICS_FILE = 'metrics.jsonl'
 
 
 class MetricWriter:
-  """Appends `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl`."""
+  """Writes `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl`.
 
-  def __init__(self, workdir: str, resume_step: int = 0):
-    self.path = os.path.join(workdir, METRICS_FILE)
+  It keeps the lines and rewrites the file whole at each write: a bucket has no append, and a
+  reader never sees half a line. A run logs hundreds of lines, not millions.
+  """
+
+  def __init__(self, workdir: epath.PathLike, resume_step: int = 0):
+    self.path = epath.Path(workdir) / METRICS_FILE
     # A resumed run repeats the steps after its checkpoint: drop the stale lines first.
-    records = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
-    with open(self.path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records)
+    self.lines = [json.dumps(r) + '\n' for r in read_metrics(workdir) if r['step'] <= resume_step]
+    storage.write_text(self.path, ''.join(self.lines))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+    record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    self.lines.append(json.dumps(record) + '\n')
+    storage.write_text(self.path, ''.join(self.lines))
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(workdir: str, filename: str = 'curves.png') -> str:
+def plot_curves(workdir: epath.PathLike, filename: str = 'curves.png') -> str:
   """One panel per metric name, value against step; returns the path of the PNG."""
   records = read_metrics(workdir)
   names = sorted({k for r in records for k in r if k != 'step'})
@@ -46,7 +51,7 @@ def plot_curves(workdir: str, filename: str = 'curves.png') -> str:
     ax.set_title(name, fontsize=9)
     ax.set_xlabel('step', fontsize=8)
   fig.tight_layout()
-  path = os.path.join(workdir, filename)
-  fig.savefig(path, dpi=90)
+  path = epath.Path(workdir) / filename
+  storage.savefig(fig, path, dpi=90)
   plt.close(fig)
-  return path
+  return str(path)

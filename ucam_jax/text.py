@@ -7,6 +7,9 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
+from etils import epath
+
+from ucam_jax import storage
 
 PAD, UNK = '<pad>', '<unk>'
 
@@ -48,14 +51,13 @@ class Vocabulary:
   def _index(self) -> dict[str, int]:
     return {word: i for i, word in enumerate(self.words)}
 
-  def save(self, path: str) -> None:
-    with open(path, 'w') as f:
-      json.dump({'words': self.words}, f, indent=0)
+  def save(self, path: epath.PathLike) -> None:
+    """Whole or absent for a process reading it meanwhile (see storage.write_text)."""
+    storage.write_text(path, json.dumps({'words': self.words}, indent=0))
 
   @classmethod
-  def load(cls, path: str) -> 'Vocabulary':
-    with open(path) as f:
-      words = tuple(json.load(f)['words'])
+  def load(cls, path: epath.PathLike) -> 'Vocabulary':
+    words = tuple(json.loads(epath.Path(path).read_text())['words'])
     if words[:2] != (PAD, UNK):
       raise ValueError(f'{path} is not a ucam_jax vocabulary: it must start with {PAD!r}, {UNK!r}.')
     return cls(words)

@@ -9,7 +9,6 @@ parameters as one that never stopped.
 import functools
 import json
 import math
-import os
 import time
 
 import flax.linen as nn
@@ -19,11 +18,12 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.training import train_state
 from tqdm import tqdm
 
-from ucam_jax import (distributed, gca, input_pipeline, metric_writer, metrics, models, report,
-                      sharding, uncertainty)
+from ucam_jax import (distributed, evaluate, gca, input_pipeline, metric_writer, models, sharding,
+                      storage)
 from ucam_jax.text import Vocabulary
 
 
@@ -76,115 +76,30 @@ def train_step(state: TrainState, batch, ucam):
   return state, {**terms, 'accuracy': correct.sum() / weights.sum(), 'questions': weights.sum()}
 
 
-def uncertainty_scores(ucam) -> tuple[str, ...]:
-  """The per-question scores that the evaluation summarises. sigma2 and the predictive variance
-  (which adds it) count only when an uncertainty loss trains the variance head; in the baseline
-  they would only report its initialisation."""
-  scores = ('predictive_entropy', 'expected_entropy', 'mutual_information', 'variation_ratio')
-  return scores if ucam.mode == 'none' else scores + ('sigma2', 'predictive_variance')
-
-
-def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
-  """Per-question outputs of a padded batch: the deterministic answer and its loss, and the MC
-  dropout statistics of `mc_samples` stochastic passes of the answer stage (the image and the
-  question are encoded once).
-
-  In GCA mode the MC passes reuse the certainty maps of the deterministic pass. Also returns
-  the GCA outputs (maps, the first pass's attention).
-  """
-  v = apply_fn(params, batch['image'], method='encode_image')
-  e = apply_fn(params, batch['question'], method='embed_question')
-  features = (v, e, batch['length'])
-  gca_key, mc_key = jax.random.split(key)
-  _, out = gca.forward(apply_fn, params, features, batch['answer'], batch['weight'], gca_key,
-                       ucam, train=False)
-  maps = {b: out[f'certainty_{b}'] for b in ('image', 'question') if f'certainty_{b}' in out}
-  inputs = gca.answer_inputs(apply_fn, params, features, maps, ucam.combine)
-
-  def answer_fn(dropout_key):
-    sample = gca.answer(apply_fn, params, inputs, dropout_key)
-    return sample['logits'], sample['sigma2']
-
-  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(answer_fn, mc_key, mc_samples))
-  logits = out.pop('logits')
-  del out['sigma2']  # The MC mean of sigma2 is in stats.
-  return {'probs': jax.nn.softmax(logits), 'mc_probs': stats.pop('probs'),
-          'loss': optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer']),
-          **stats, **out}
-
-
-def evaluate(params, apply_fn, batches, num_batches: int, mesh, config,
-             desc: str = 'eval') -> dict:
-  """Accuracy, loss, calibration and uncertainty over a split.
-
-  'uncertainty' holds, for each MC-dropout score, its mean over correct and over wrong answers
-  and its AUROC / AUPR for detecting wrong answers (nan when every answer is right); calibration
-  is top-label ECE with 15 equal-width bins, NLL and Brier, of the deterministic softmax and of
-  the MC-dropout mean.
-  """
-  step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn, mc_samples=config.mc_samples,
-                                   ucam=config.ucam))
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  outputs, labels = [], []
-  for i, batch in enumerate(tqdm(batches, total=num_batches, desc=desc, leave=False,
-                                 mininterval=2)):
-    batch = sharding.shard_batch(batch, mesh)
-    out = step(params, batch=batch, key=jax.random.fold_in(key, i))
-    # The whole global batch on every process: its rows live on all processes' devices.
-    out, answer, weight = sharding.to_host((out, batch['answer'], batch['weight']))
-    outputs.append(jax.tree.map(lambda x: x[weight > 0], out))
-    labels.append(answer[weight > 0])
-  out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-  labels = np.concatenate(labels)
-  wrong = out['probs'].argmax(-1) != labels
-  results = {'accuracy': float(1 - wrong.mean()), 'loss': float(out['loss'].mean()),
-             'num_examples': len(labels), 'mc_accuracy': metrics.accuracy(
-                 out['mc_probs'].argmax(-1), labels)}
-  for name in ('probs', 'mc_probs'):
-    prefix = '' if name == 'probs' else 'mc_'
-    results[prefix + 'ece'] = metrics.expected_calibration_error(out[name], labels)
-    results[prefix + 'nll'] = metrics.negative_log_likelihood(out[name], labels)
-    results[prefix + 'brier'] = metrics.brier_score(out[name], labels)
-  results['uncertainty'] = {
-      score: {'mean_correct': float(out[score][~wrong].mean()) if (~wrong).any() else None,
-              'mean_wrong': float(out[score][wrong].mean()) if wrong.any() else None,
-              'auroc_wrong': metrics.auroc(out[score], wrong),
-              'aupr_wrong': metrics.aupr(out[score], wrong)}
-      for score in uncertainty_scores(config.ucam)}
-  return results
-
-
 def prepare_workdir(workdir: str) -> None:
-  """Creates the workdir, or fails with a message that says what to do."""
+  """Creates the workdir (a directory or gs://bucket/dir), or fails with a message that says
+  what to do."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test{jax.process_index()}')  # Processes may share it.
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise PermissionError(f'The workdir {workdir!r} is not writable ({e.strerror}). Pass a '
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_test{jax.process_index()}'  # Processes may share it.
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:  # gcsfs's errors may have no strerror.
+    raise PermissionError(f'The workdir {workdir!r} is not writable ({e.strerror or e}). Pass a '
                           'directory you can write to with --workdir.') from e
 
 
 def load_or_build_vocabulary(workdir: str, table: input_pipeline.QuestionTable) -> Vocabulary:
   """The run's vocabulary: built from the training questions and saved in the workdir on the
   first run, reused when resuming."""
-  path = os.path.join(workdir, 'vocabulary.json')
-  if os.path.exists(path):
+  path = epath.Path(workdir) / 'vocabulary.json'
+  if path.exists():
     return Vocabulary.load(path)
   vocab = Vocabulary.build(table.question)
   if jax.process_index() == 0:  # Every process builds the same one.
-    vocab.save(path + '.tmp')
-    os.replace(path + '.tmp', path)  # Whole or absent for the other processes reading it.
+    vocab.save(path)
   return vocab
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes the file whole (via a rename), so that another process never reads half of it."""
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
 
 
 def stop_if_not_finite(step_metrics: list[dict], step: int,
@@ -209,11 +124,10 @@ def stop_if_not_finite(step_metrics: list[dict], step: int,
 
 def check_same_model(workdir: str, config) -> None:
   """Resuming with another model would fail deep inside Orbax: name the differences instead."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
     return
-  with open(path) as f:
-    saved = json.load(f).get('model', {})
+  saved = json.loads(path.read_text()).get('model', {})
   current = json.loads(config.model.to_json_best_effort())
   # The compute dtype leaves the parameters as they are: a run may resume in another precision.
   changed = sorted(k for k in (saved.keys() | current.keys()) - {'dtype'}
@@ -227,15 +141,14 @@ def check_same_model(workdir: str, config) -> None:
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+  return ocp.CheckpointManager(storage.absolute(workdir) / 'checkpoints', options=options)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.dataset`, evaluates on the test split, writes the workdir.
 
   Writes config.json, vocabulary.json, checkpoints/, metrics.jsonl, curves.png, metrics.json
-  and report/ (the explanation figures and index.html).
+  and report/ (plots, explanation figures, index.html; see `evaluate.evaluate_and_report`).
   Returns the contents of metrics.json. With several processes each trains on its slice of every
   batch and all take part in each checkpoint; only process 0 writes the other files and reports.
   SIGTERM (preemption) checkpoints at the next step and returns early, as `stop_at_step` does.
@@ -274,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
   # Written only now, so a failed resume leaves the earlier run's config.json as it was.
   if main_process:
-    write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    storage.write_text(epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2))
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start_step) if main_process else None
   step_fn = jax.jit(functools.partial(train_step, ucam=config.ucam), donate_argnums=0,
@@ -320,15 +233,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"({'SIGTERM' if preempted else 'stop_at_step'}); the checkpoint is saved: rerun the "
             'same command to resume.')
     return results
-  test_source = input_pipeline.data_source(builder, 'test')
-  batches, num_batches = input_pipeline.eval_batches(test_source, vocab, config)
-  test = evaluate(state.params, state.apply_fn, batches, num_batches, mesh, config, desc='test')
-  sample = report.explain_sample(state.apply_fn, state.params, test_source, vocab, config)
+  test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
+                                      workdir)
   results.update(test=test, wall_time_s=time.time() - start_time)
   if main_process:
     writer.write(num_steps, {f'test_{k}': test[k] for k in ('accuracy', 'loss', 'ece')})
     metric_writer.plot_curves(workdir)
-    report.write(workdir, sample, vocab, builder.info.features['answer'].names, config,
-                 {f'test {k}': test[k] for k in ('accuracy', 'ece', 'nll', 'brier')})
-    write_text(os.path.join(workdir, 'metrics.json'), json.dumps(results, indent=2))
+    storage.write_text(epath.Path(workdir) / 'metrics.json', json.dumps(results, indent=2))
+  return results
+
+
+# Switches that change what a trained model computes at test time: --mode=eval must use the ones
+# it was trained with.
+_EVALUATION_KEYS = ('dataset', 'dataset_kwargs', 'max_question_length', 'ucam')
+
+
+def check_same_evaluation(workdir: str, config) -> None:
+  """Raises ValueError naming the `_EVALUATION_KEYS` in which `config` differs from the
+  training run's config.json: the checkpoint would be evaluated as it was not trained."""
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    return
+  saved, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+  changed = [f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in _EVALUATION_KEYS
+             if saved.get(k) != current.get(k)]
+  if changed:
+    raise ValueError(f'The checkpoints in {workdir} were trained with another config: '
+                     + '; '.join(changed) + f'. Evaluate with the config of {path}.')
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=eval: evaluates the latest checkpoint in `workdir` on the test split.
+
+  Writes what the end of `train_and_evaluate` writes: metrics.json (its 'test' entry, with
+  'evaluated_step'; the training entries stay) and report/. The checkpoints are only read.
+  Raises FileNotFoundError, having written nothing, when `workdir` holds no checkpoint.
+  Returns the contents of metrics.json.
+  """
+  start_time = time.time()
+  gca.check_config(config.ucam)
+  directory = storage.absolute(workdir) / 'checkpoints'
+  # Only restore is called and create=False: nothing is written. (read_only=True would say so
+  # too, with a warning per option it overrides.)
+  options = ocp.CheckpointManagerOptions(create=False)
+  step = None
+  if directory.exists():
+    with ocp.CheckpointManager(directory, options=options) as manager:
+      step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {directory}: --mode=eval evaluates a trained model. Train one first '
+        'with --mode=train (the default) and the same --config and --workdir.')
+  check_same_model(workdir, config)
+  check_same_evaluation(workdir, config)
+  builder = input_pipeline.get_builder(config)
+  vocab = Vocabulary.load(epath.Path(workdir) / 'vocabulary.json')
+  mesh = sharding.make_mesh()
+  model = models.get_model(config, vocab.size, builder.info.features['answer'].num_classes)
+  example = {'image': jax.ShapeDtypeStruct((1, *builder.info.features['image'].shape), jnp.uint8),
+             'question': jax.ShapeDtypeStruct((1, 1, config.max_question_length), jnp.int32),
+             'length': jax.ShapeDtypeStruct((1, 1), jnp.int32)}
+  abstract = jax.eval_shape(lambda batch: create_train_state(config, model, 1, batch), example)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=sharding.replicated(mesh)),
+                          abstract)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
+                                      workdir)
+  path = epath.Path(workdir) / 'metrics.json'
+  results = json.loads(path.read_text()) if path.exists() else {}
+  results.update(test=test, evaluated_step=step, eval_wall_time_s=time.time() - start_time)
+  if jax.process_index() == 0:
+    storage.write_text(path, json.dumps(results, indent=2))
   return results

@@ -214,7 +214,7 @@ class GridFeatures:
     """The command that writes the store of `subtype`."""
     out = self.root or os.path.join(manual_dir, FEATURES_DIR)
     return (f'python -m ucam_jax.extract_features --manual_dir={manual_dir} '
-            f'--version={self.version} --split={split_of(subtype).name} --out={out} '
+            f'--version={self.version} --split={split_of(subtype).name} --features_dir={out} '
             '--weights=<ResNet .npz, see docs/grid_features.md>')
 
   def features(self) -> dict[str, tfds.features.FeatureConnector]:

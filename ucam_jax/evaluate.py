@@ -1,0 +1,352 @@
+"""Evaluation on a split (SPEC section 7): answers, uncertainty, and the maps against ground truth.
+
+One jitted step (`explain_questions`) gives, for every question of the split, the deterministic
+answer, the MC-dropout uncertainty scores and every map type on the model's grid [h, w]:
+
+  model_attention  the model's attention, mean over hops (in mode 'mask' the first pass's)
+  gca_attention    the attention after the certainty mask (mode 'mask' only; absent otherwise)
+  gradcam          Grad-CAM of the answer's logit over the grid
+  ucam             U-CAM of the uncertainty U of `config.ucam` over the grid
+  random           uniform noise, fixed by the seed: the chance level
+
+`evaluate` summarises them: exact and VQA-official accuracy (per question family where the split
+has one); calibration; per uncertainty score, AUROC / AUPR for detecting wrong answers; accuracy
+against the fraction of questions retained by predictive entropy; and, on splits with a ground-truth
+'mask', each map type's Spearman rank correlation with the mask's share of each grid cell (the
+mean over the questions where it is defined) and its pointing game. `faithfulness` adds deletion
+and insertion AUC on a fixed sample of questions; `evaluate_and_report` runs it all on the test
+split and writes workdir/report/ (training's end and `--mode=eval` share it).
+
+Cost, measured on the default job (configs/san.py, 9,673 test questions) on 2 shared CPU cores:
+the maps in the step cost nothing measurable per batch (the image stem and the 20 MC-dropout
+passes dominate), only their compilation, so they are computed on the whole split; and the
+explanation figures reuse those outputs instead of compiling a step of their own. Deletion and
+insertion need 2 * (steps + 1) forward passes of the sample per map type, so they run on
+`config.faithfulness_questions` questions only. See README (Evaluation) for the timings.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from ucam_jax import (explain, gca, input_pipeline, metrics, report, sharding, uncertainty,
+                      vqa_answers)
+
+ANNOTATORS = 10  # Human answers per question in VQA.
+RETENTION_FRACTIONS = np.linspace(0.05, 1.0, 20)
+RETENTION_SCORE = 'predictive_entropy'
+
+
+def uncertainty_scores(ucam) -> tuple[str, ...]:
+  """The per-question scores that the evaluation summarises. sigma2 and the predictive variance
+  (which adds it) count only when an uncertainty loss trains the variance head; in the baseline
+  they would only report its initialisation."""
+  scores = ('predictive_entropy', 'expected_entropy', 'mutual_information', 'variation_ratio')
+  return scores if ucam.mode == 'none' else scores + ('sigma2', 'predictive_variance')
+
+
+def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
+  """Per-question outputs of a padded batch: the deterministic answer and its loss, and the MC
+  dropout statistics of `mc_samples` stochastic passes of the answer stage (the image and the
+  question are encoded once).
+
+  In GCA mode the MC passes reuse the certainty maps of the deterministic pass. Also returns
+  the GCA outputs (maps, the first pass's attention).
+  """
+  v = apply_fn(params, batch['image'], method='encode_image')
+  e = apply_fn(params, batch['question'], method='embed_question')
+  features = (v, e, batch['length'])
+  gca_key, mc_key = jax.random.split(key)
+  _, out = gca.forward(apply_fn, params, features, batch['answer'], batch['weight'], gca_key,
+                       ucam, train=False)
+  maps = {b: out[f'certainty_{b}'] for b in ('image', 'question') if f'certainty_{b}' in out}
+  inputs = gca.answer_inputs(apply_fn, params, features, maps, ucam.combine)
+
+  def answer_fn(dropout_key):
+    sample = gca.answer(apply_fn, params, inputs, dropout_key)
+    return sample['logits'], sample['sigma2']
+
+  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(answer_fn, mc_key, mc_samples))
+  logits = out.pop('logits')
+  del out['sigma2']  # The MC mean of sigma2 is in stats.
+  return {'probs': jax.nn.softmax(logits), 'mc_probs': stats.pop('probs'),
+          'loss': optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer']),
+          **stats, **out}
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def _from_features(module, v, e, lengths, **kwargs):
+  """The question and answer stages as one call, so maps can be taken over 'grid' or 'words'."""
+  q, _ = module.encode_question(e, lengths)
+  return module.answer(v, q, **kwargs)
+
+
+def ground_truth_on_grid(mask, grid: tuple[int, int]):
+  """mask [n, H, W] bool -> [n, h, w]: the share of each grid cell's pixels that the mask covers
+  (H, W multiples of the grid's h, w)."""
+  n, height, width = mask.shape
+  h, w = grid
+  if height % h or width % w:
+    raise ValueError(f'The mask ({height}x{width}) must be a multiple of the model grid '
+                     f'({h}x{w}) to be averaged over its cells.')
+  cells = mask.astype(jnp.float32).reshape(n, h, height // h, w, width // w)
+  return cells.mean(axis=(2, 4))
+
+
+def explain_questions(apply_fn, params, batch, key, config) -> dict:
+  """Everything the evaluation and the figures use, for a batch of questions.
+
+  batch: as `eval_step`, with an optional 'mask' [n, H, W] bool, the ground-truth attention.
+  Returns eval_step's outputs plus 'gradcam', 'ucam' and 'random' [n, h, w], 'word_certainty'
+  [n, length] and, with a mask, 'ground_truth' [n, h, w] (`ground_truth_on_grid`). The U-CAM
+  maps are of U (`gca.uncertainty_term` of the model's own answer, noise drawn once for the
+  batch), one question at a time: a map does not depend on the other questions.
+  """
+  eval_key, noise_key, random_key = jax.random.split(key, 3)
+  out = eval_step(params, apply_fn, batch, eval_key, config.mc_samples, config.ucam)
+  v = apply_fn(params, batch['image'], method='encode_image')
+  e = apply_fn(params, batch['question'], method='embed_question')
+
+  def staged(variables, v, e, lengths, **kwargs):
+    return apply_fn(variables, v, e, lengths, method=_from_features, **kwargs)
+
+  def score(outputs):
+    return outputs['logits'].max(-1)
+
+  num_answers = out['probs'].shape[-1]
+  noise = uncertainty.sample_noise(noise_key, config.ucam.aleatoric_samples, (1, num_answers))
+
+  def uncertainty_of_answer(outputs):
+    logits = outputs['logits']
+    own = jax.nn.one_hot(logits.argmax(-1), num_answers)
+    return gca.uncertainty_term(config.ucam, logits, outputs['sigma2'], own, noise)[None]
+
+  inputs = (v, e, batch['length'])
+  out['gradcam'] = explain.explain(staged, params, inputs, 'grid', score, 'gradcam')
+  out['ucam'] = explain.explain(staged, params, inputs, 'grid', uncertainty_of_answer, 'ucam')
+  out['random'] = jax.random.uniform(random_key, out['gradcam'].shape)
+  words, grads = explain.activations_and_gradients(staged, params, inputs, 'words',
+                                                   uncertainty_of_answer)
+  out['word_certainty'] = gca.certainty_map(words, grads, batch['length'])
+  if 'mask' in batch:
+    out['ground_truth'] = ground_truth_on_grid(batch['mask'], v.shape[1:3])
+  return out
+
+
+def map_types(out) -> dict:
+  """{type: [n, h, w]} for every map type of `explain_questions` outputs (see the module
+  docstring): attention is averaged over its hops or glimpses."""
+  masked = 'model_attention' in out  # Mode 'mask': 'attention' is the GCA attention.
+  maps = {'model_attention': out['model_attention' if masked else 'attention'].mean(1)}
+  if masked:
+    maps['gca_attention'] = out['attention'].mean(1)
+  return {**maps, **{k: out[k] for k in ('gradcam', 'ucam', 'random')}}
+
+
+def attention_agreement(out) -> dict:
+  """{type: (Spearman [n], pointing-game hits [n])} of each map type against 'ground_truth'."""
+  return {name: (metrics.spearman_per_example(m, out['ground_truth']),
+                 metrics.pointing_game(m, out['ground_truth']))
+          for name, m in map_types(out).items()}
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def vqa_accuracy(predicted, labels, answer_names, human_answers=None) -> np.ndarray:
+  """Official VQA accuracy per question [n] of predicted answer indices [n].
+
+  human_answers: each question's human answers (VQA: 10), in record order, as the VQA builder
+  stores them. None for a single-answer dataset: its one answer stands for all ten annotators,
+  so a match scores min(9/3, 1) = 1, a miss 0, and the VQA accuracy equals exact match.
+  """
+  normalise = vqa_answers.normalize_answer
+  if human_answers is None:
+    humans = [[normalise(answer_names[label])] * ANNOTATORS for label in labels]
+  else:
+    humans = [vqa_answers.ground_truth_answers(list(h)) for h in human_answers]
+  return metrics.vqa_accuracy([normalise(answer_names[p]) for p in predicted], humans)
+
+
+def summarise(out, config, answer_names=None, family_names=None, human_answers=None) -> dict:
+  """The metrics of `evaluate` from its per-question outputs (see there)."""
+  labels = out['answer']
+  predicted = out['probs'].argmax(-1)
+  wrong = predicted != labels
+  results = {'accuracy': float(1 - wrong.mean()), 'loss': float(out['loss'].mean()),
+             'num_examples': len(labels),
+             'mc_accuracy': metrics.accuracy(out['mc_probs'].argmax(-1), labels)}
+  if answer_names is not None:
+    results['vqa_accuracy'] = float(
+        vqa_accuracy(predicted, labels, answer_names, human_answers).mean())
+  if 'family' in out and family_names is not None:
+    results['accuracy_per_family'] = {
+        family_names[f]: float(1 - wrong[out['family'] == f].mean())
+        for f in np.unique(out['family'])}
+  for name in ('probs', 'mc_probs'):
+    prefix = '' if name == 'probs' else 'mc_'
+    results[prefix + 'ece'] = metrics.expected_calibration_error(out[name], labels)
+    results[prefix + 'nll'] = metrics.negative_log_likelihood(out[name], labels)
+    results[prefix + 'brier'] = metrics.brier_score(out[name], labels)
+  results['uncertainty'] = {
+      score: {'mean_correct': float(out[score][~wrong].mean()) if (~wrong).any() else None,
+              'mean_wrong': float(out[score][wrong].mean()) if wrong.any() else None,
+              'auroc_wrong': metrics.auroc(out[score], wrong),
+              'aupr_wrong': metrics.aupr(out[score], wrong)}
+      for score in uncertainty_scores(config.ucam)}
+  accuracy, area = metrics.retention_curve(out[RETENTION_SCORE], ~wrong, RETENTION_FRACTIONS)
+  results['retention'] = {'score': RETENTION_SCORE, 'fractions': RETENTION_FRACTIONS.tolist(),
+                          'accuracy': accuracy.tolist(), 'area': area}
+  if 'ground_truth' in out:
+    results['maps'] = {
+        # None (JSON null) where no question has both maps varying: a constant map has no ranks.
+        name: {'spearman': metrics.mean_ignoring_nan(rho) if np.isfinite(rho).any() else None,
+               'spearman_questions': int(np.isfinite(rho).sum()),
+               'pointing_game': float(hits.mean())}
+        for name, (rho, hits) in attention_agreement(out).items()}
+    results['map_grid'] = list(out['ground_truth'].shape[1:])
+  return results
+
+
+def evaluate(params, apply_fn, batches, num_batches: int, mesh, config, desc: str = 'eval', *,
+             answer_names=None, family_names=None, human_answers=None) -> tuple[dict, dict]:
+  """Evaluates `explain_questions` on every batch: (metrics, per-question outputs).
+
+  The outputs are numpy arrays [n, ...] in record order, with the labels as 'answer' (and
+  'family' where the split has it). The metrics: exact accuracy, loss, the MC-dropout mean's
+  accuracy; with `answer_names`, the official VQA accuracy (see `vqa_accuracy` for
+  `human_answers`); with `family_names`, accuracy per question family; calibration, top-label
+  ECE with 15 equal-width bins, NLL and Brier, of the deterministic softmax and of the
+  MC-dropout mean; 'uncertainty': for each MC-dropout score, its mean over correct and over
+  wrong answers and its AUROC / AUPR for detecting wrong answers (nan when every answer is
+  right); 'retention': accuracy on the fraction of questions with the lowest predictive entropy,
+  and its area; on a split with a mask, 'maps': per map type, Spearman (mean over questions
+  where both maps vary, and their count) and pointing-game hit rate.
+  """
+  step = jax.jit(functools.partial(explain_questions, apply_fn, config=config))
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  outputs = []
+  for i, batch in enumerate(tqdm(batches, total=num_batches, desc=desc, leave=False,
+                                 mininterval=2, disable=jax.process_index() > 0)):
+    batch = sharding.shard_batch(batch, mesh)
+    out = step(params, batch=batch, key=jax.random.fold_in(key, i))
+    inputs = {k: batch[k] for k in ('answer', 'family') if k in batch}
+    # The whole global batch on every process: its rows live on all processes' devices.
+    out, inputs, weight = sharding.to_host((out, inputs, batch['weight']))
+    outputs.append(jax.tree.map(lambda x: x[weight > 0], {**out, **inputs}))
+  out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+  return summarise(out, config, answer_names, family_names, human_answers), out
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def sample_indices(num_examples: int, count: int, seed: int) -> np.ndarray:
+  """A fixed sample: `count` distinct indices, sorted, a function of the seed only."""
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(num_examples, min(count, num_examples), replace=False))
+
+
+def read_questions(source, indices, vocab, config) -> dict:
+  """The model inputs of questions `indices` of `source` (a random-access split) as numpy
+  arrays ('image', 'question', 'length', 'answer'), and their text."""
+  preprocess = input_pipeline.Preprocess(vocab, config.max_question_length)
+  raw = [source[int(i)] for i in indices]
+  examples = [preprocess.map(example) for example in raw]
+  batch = {k: np.stack([x[k] for x in examples]) for k in ('image', 'question', 'length',
+                                                             'answer')}
+  return {**batch, 'text': [example['question'].decode() for example in raw]}
+
+
+def explain_sample(outputs, source, vocab, config) -> dict:
+  """The fixed sample of `config.report_questions` questions that the report shows: their rows
+  of `evaluate`'s outputs, with their inputs and 'index' (their record numbers)."""
+  indices = sample_indices(len(outputs['answer']), config.report_questions, config.seed)
+  return {**{k: v[indices] for k, v in outputs.items()},
+          **read_questions(source, indices, vocab, config), 'index': indices}
+
+
+def answer_probability(apply_fn, params, images, question, length, answer, key, ucam):
+  """[n] the probability of `answer` [n] for images [n, H, W, 3] and questions [n, length]: the
+  deterministic pass of `gca.forward` (with the GCA mask in mode 'mask')."""
+  v = apply_fn(params, images, method='encode_image')
+  e = apply_fn(params, question, method='embed_question')
+  _, out = gca.forward(apply_fn, params, (v, e, length), answer, jnp.ones(answer.shape), key,
+                       ucam, train=False)
+  return jax.nn.softmax(out['logits'])[jnp.arange(len(answer)), answer]
+
+
+def faithfulness(params, apply_fn, source, outputs, vocab, config) -> dict:
+  """{type: {'deletion_auc', 'insertion_auc'}}: means over `config.faithfulness_questions` test
+  questions fixed by the seed, `config.faithfulness_steps` steps (`metrics.deletion_insertion_auc`).
+
+  The score is the model's probability of its original answer; a deleted pixel takes the
+  image's mean colour, which the stem's mean-colour subtraction maps to about zero: no content.
+  Every map type runs in one batch, so each step is one call. Every process runs it.
+  """
+  if not config.faithfulness_questions:
+    return {}
+  indices = sample_indices(len(outputs['answer']), config.faithfulness_questions, config.seed)
+  batch = read_questions(source, indices, vocab, config)
+  maps = map_types({k: v[indices] for k, v in outputs.items()})
+  copies = len(maps)
+
+  def tile(x):
+    return np.concatenate([x] * copies)
+
+  probability = jax.jit(functools.partial(answer_probability, apply_fn, ucam=config.ucam))
+  question, length = tile(batch['question']), tile(batch['length'])
+  answer = tile(outputs['probs'][indices].argmax(-1).astype(np.int32))
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+
+  def score(images):
+    return np.asarray(probability(params, images, question, length, answer, key))
+
+  images = batch['image']
+  deletion, insertion = metrics.deletion_insertion_auc(
+      score, tile(images), np.concatenate(list(maps.values())), config.faithfulness_steps,
+      baseline=tile(images.mean(axis=(1, 2), keepdims=True)))
+  size = len(indices)
+  return {name: {'deletion_auc': float(deletion[i * size:(i + 1) * size].mean()),
+                 'insertion_auc': float(insertion[i * size:(i + 1) * size].mean())}
+          for i, name in enumerate(maps)}
+
+
+def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir: str) -> dict:
+  """Evaluates on the test split (`evaluate`, `faithfulness`) and, on process 0, writes
+  workdir/report/: the plots and the figures of `explain_sample` (`report.write`). Returns the
+  test metrics; 'maps' holds, per map type, the agreement with the ground truth (splits with a
+  mask) and the faithfulness."""
+  features = builder.info.features
+  with_mask = 'mask' in features
+  source = input_pipeline.data_source(builder, 'test', with_mask=with_mask)
+  batches, num_batches = input_pipeline.eval_batches(source, vocab, config, with_mask=with_mask)
+  answer_names = features['answer'].names
+  # The VQA builder's 10 human answers go in as `human_answers` once VQA joins the pipeline.
+  results, outputs = evaluate(
+      params, apply_fn, batches, num_batches, mesh, config, desc='test',
+      answer_names=answer_names,
+      family_names=features['family'].names if 'family' in features else None)
+  faithful = faithfulness(params, apply_fn, source, outputs, vocab, config)
+  if faithful:
+    results['maps'] = {name: {**results.get('maps', {}).get(name, {}), **values}
+                       for name, values in faithful.items()}
+    results['faithfulness'] = {'questions': min(config.faithfulness_questions,
+                                                results['num_examples']),
+                               'steps': config.faithfulness_steps, 'baseline': 'mean colour'}
+  if jax.process_index() == 0:
+    sample = explain_sample(outputs, source, vocab, config)
+    spearman = ({name: rho for name, (rho, _) in attention_agreement(outputs).items()}
+                if 'ground_truth' in outputs else {})
+    plots = report.plot_evaluation(workdir, outputs, results, spearman)
+    report.write(workdir, sample, vocab, answer_names, config,
+                 {f'test {k}': results[k] for k in ('accuracy', 'vqa_accuracy', 'ece', 'nll',
+                                                    'brier') if k in results},
+                 plots=plots, maps=results.get('maps'))
+  return results
