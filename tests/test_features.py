@@ -3,6 +3,8 @@ conversion, the extraction command and its store, and the VQA builder reading th
 
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -215,14 +217,13 @@ def test_store_is_memory_mapped_not_loaded(extracted):
 
 
 def test_extraction_is_deterministic_and_the_command_runs(extracted, tmp_path):
-  argv = ['extract_features', f'--manual_dir={extracted["manual_dir"]}', '--version=v1',
-          '--split=train', f'--weights={extracted["weights"]}', f'--features_dir={tmp_path}',
+  argv = [f'--manual_dir={extracted["manual_dir"]}', '--version=v1', '--split=train',
+          f'--weights={extracted["weights"]}', f'--features_dir={tmp_path}',
           f'--image_size={SIZE}', '--batch_size=8']
-  extract_features.FLAGS(argv)
-  try:
-    extract_features.main(argv[:1])
-  finally:
-    extract_features.FLAGS.unparse_flags()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-m', 'ucam_jax.extract_features', *argv], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
   again = np.load(os.path.join(tmp_path, 'train2014', grid_store.FEATURES))
   first = np.load(os.path.join(extracted['paths']['train'], grid_store.FEATURES))
   np.testing.assert_array_equal(again, first)
