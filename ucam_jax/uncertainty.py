@@ -19,6 +19,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ucam_jax import threefry
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -54,6 +56,28 @@ def _cross_entropy(logits, targets):
   return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+def _noisy_logits(logits, sigma2, noise):
+  """[n, T, c]: z_n + sqrt(sigma2_n) noise[t, n], the samples on the middle axis.
+
+  Why not [T, n, c]: the backward pass sums over the samples, and XLA:CPU sums over the leading
+  axis of a large array about 10x slower than over an inner one (100 ms against 8 ms for
+  [100, 32, 3000] on 2 cores). The transpose of the noise costs one copy.
+  """
+  return logits[:, None] + jnp.sqrt(sigma2)[:, None, None] * jnp.swapaxes(noise, 0, 1)
+
+
+def _noisy_cross_entropy(logits, sigma2, targets, noise):
+  """[T, n]: `_cross_entropy` of every noise sample of the logits (see `_noisy_logits`).
+
+  As logsumexp(z + eps) - t.z - sqrt(sigma2) t.noise (for targets summing to 1; in general
+  the logsumexp is weighted by sum_c t_c): the [n, T, c] log-probabilities are never formed.
+  """
+  lse = jax.nn.logsumexp(_noisy_logits(logits, sigma2, noise), axis=-1)  # [n, T]
+  picked = (jnp.sum(targets * logits, axis=-1)[:, None]
+            + jnp.sqrt(sigma2)[:, None] * jnp.einsum('tnc,nc->nt', noise, targets))
+  return (jnp.sum(targets, axis=-1)[:, None] * lse - picked).T
+
+
 def _entropy_from_log_probs(log_probs):
   """[..., c] -> [...]: -sum_c p log p; finite log_probs make p = 0 terms exactly 0."""
   return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
@@ -63,8 +87,9 @@ def _entropy_from_log_probs(log_probs):
 
 
 def sample_noise(key, num_samples: int, logits_shape: tuple, dtype=jnp.float32):
-  """Standard-normal draws `[num_samples, *logits_shape]` for the aleatoric losses."""
-  return jax.random.normal(key, (num_samples, *logits_shape), dtype)
+  """Standard-normal draws `[num_samples, *logits_shape]` for the aleatoric losses: those of
+  `jax.random.normal`, drawn 2-3x faster on CPU (`ucam_jax.threefry`)."""
+  return threefry.normal(key, (num_samples, *logits_shape), dtype)
 
 
 def aleatoric_loss(logits, sigma2, targets, noise, weights=None) -> dict:
@@ -90,8 +115,8 @@ def aleatoric_loss(logits, sigma2, targets, noise, weights=None) -> dict:
   """
   _check_loss_args(logits, sigma2, targets, noise, weights)
   answer = _mean_over_examples(_cross_entropy(logits, targets), weights)
-  noisy = logits + jnp.sqrt(sigma2)[:, None] * noise
-  distorted = _mean_over_examples(_cross_entropy(noisy, targets), weights)  # [T]
+  distorted = _mean_over_examples(_noisy_cross_entropy(logits, sigma2, targets, noise),
+                                  weights)  # [T]
   gce = jnp.mean(distorted)
   variance = jnp.mean(-jax.nn.elu(answer - distorted))
   depressor = _mean_over_examples(jnp.expm1(sigma2), weights)
@@ -109,8 +134,8 @@ def kendall_gal_loss(logits, sigma2, targets, noise, weights=None) -> dict:
   (the noise-free answer loss), reported for comparison and not part of 'total'.
   """
   _check_loss_args(logits, sigma2, targets, noise, weights)
-  noisy = logits + jnp.sqrt(sigma2)[:, None] * noise
-  log_mean_probs = (jax.nn.logsumexp(jax.nn.log_softmax(noisy, axis=-1), axis=0)
+  noisy = _noisy_logits(logits, sigma2, noise)  # [n, T, c]
+  log_mean_probs = (jax.nn.logsumexp(jax.nn.log_softmax(noisy, axis=-1), axis=1)
                     - jnp.log(noise.shape[0]))
   total = _mean_over_examples(-jnp.sum(targets * log_mean_probs, axis=-1), weights)
   answer = _mean_over_examples(_cross_entropy(logits, targets), weights)
@@ -150,6 +175,18 @@ def mc_dropout(answer_fn: Callable, key, num_samples: int, chunk_size: int | Non
   return jax.lax.map(answer_fn, keys, batch_size=chunk_size)
 
 
+def chunk_size_within(num_samples: int, bytes_per_sample: int, budget_bytes: int) -> int:
+  """A `chunk_size` for `mc_dropout` that bounds memory: the largest divisor of num_samples
+  with chunk * bytes_per_sample <= budget_bytes, and 1 if none fits.
+
+  bytes_per_sample: what one sample holds at once, e.g. its dropped-out copy of the features
+  (at 14x14x2048 float32, 1.6 MB a question: 50 samples of 256 questions in one vmap is 20 GB).
+  """
+  fits = [c for c in range(1, num_samples + 1)
+          if num_samples % c == 0 and c * bytes_per_sample <= budget_bytes]
+  return max(fits, default=1)
+
+
 def predictive_stats(sample_logits, sample_sigma2=None) -> dict:
   """Predictive uncertainty from T stochastic passes (natural log, entropies in nats).
 
@@ -175,11 +212,14 @@ def predictive_stats(sample_logits, sample_sigma2=None) -> dict:
   if sample_sigma2 is None:
     sample_sigma2 = jnp.zeros((num_samples, n), sample_logits.dtype)
   _check_shape('sample_sigma2', sample_sigma2, (num_samples, n))
+  # [n, T, c]: XLA:CPU reduces over a leading axis ~10x slower than over an inner one (see
+  # `_noisy_logits`); one transposed copy makes every sum over samples an inner one.
+  sample_logits = jnp.swapaxes(sample_logits, 0, 1)
   log_probs = jax.nn.log_softmax(sample_logits, axis=-1)
-  log_mean_probs = jax.nn.logsumexp(log_probs, axis=0) - jnp.log(num_samples)
+  log_mean_probs = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(num_samples)
   predictive = _entropy_from_log_probs(log_mean_probs)
-  expected = jnp.mean(_entropy_from_log_probs(log_probs), axis=0)
-  votes = jnp.sum(jax.nn.one_hot(jnp.argmax(sample_logits, axis=-1), c), axis=0)  # [n, c]
+  expected = jnp.mean(_entropy_from_log_probs(log_probs), axis=1)
+  votes = jnp.sum(jax.nn.one_hot(jnp.argmax(sample_logits, axis=-1), c), axis=1)  # [n, c]
   sigma2 = jnp.mean(sample_sigma2, axis=0)
   return {
       'probs': jnp.exp(log_mean_probs),
@@ -188,5 +228,5 @@ def predictive_stats(sample_logits, sample_sigma2=None) -> dict:
       'mutual_information': jnp.maximum(predictive - expected, 0.0),
       'variation_ratio': 1.0 - jnp.max(votes, axis=-1) / num_samples,
       'sigma2': sigma2,
-      'predictive_variance': jnp.mean(jnp.var(sample_logits, axis=0), axis=-1) + sigma2,
+      'predictive_variance': jnp.mean(jnp.var(sample_logits, axis=1), axis=-1) + sigma2,
   }

@@ -9,9 +9,10 @@
 the features v and q re-run only that stage.
 """
 
+from ucam_jax.models.attention_net import AttentionNet
 from ucam_jax.models.san import SAN
 
-MODELS = {'san': SAN}
+MODELS = {'san': SAN, 'attention_net': AttentionNet}
 
 
 def get_model(config, vocab_size: int, num_answers: int):

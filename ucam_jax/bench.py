@@ -1,0 +1,497 @@
+"""Speed of the published base model at official scale, against this machine's matmul roof.
+
+  python -m ucam_jax.bench                        # configs/base_vqa.py, official shapes
+  python -m ucam_jax.bench --quick                # small shapes: a smoke test in seconds
+  python -m ucam_jax.bench --dtype=bfloat16 --out=workdir/bench_bf16
+
+Prints one JSON object on stdout (progress and the scaling table go to stderr) and writes it,
+the table and a plot to --out. Cases, on synthetic grid features (`ucam_jax.datasets.synthetic`):
+
+  train_<mode>_b<n>    `train.train_step` on n questions (one per image) with the aleatoric
+                       loss, config.ucam.mode 'mask' (GCA, the config's default) and 'loss_only'
+  predictive_T<T>_b<n> predictive uncertainty: the image and question encoded once, T MC-dropout
+                       samples of the answer stage (`uncertainty.mc_dropout`, a vmap over keys),
+                       `uncertainty.predictive_stats`
+  ucam_maps_b<n>       U-CAM maps over 'grid' (`explain.explain`, method 'ucam'): the gradient of
+                       each question's aleatoric uncertainty L_AU of its own answer
+  naive_T<T>_b<n>      the published way to get the predictive statistics: T full forward passes
+                       (each a jitted call of the whole model), a Python loop, then the statistics
+
+Timing: each case is compiled, run once (warm-up), then run `reps` times. A shared machine's
+load changes from second to second, so every run is bracketed by two windows of back-to-back
+fp32 [m, m] x [m, m] jnp.dots (the roof), each as long as the warm-up run (up to 5 s): run i's
+fraction of the roof is its GFLOP/s over the mean of the roof just before and after it.
+Reported per case: median seconds, examples/s, the median roof, and two FLOP counts of one
+call, both from the compiled program:
+  gflop        XLA's cost analysis (`compiled.cost_analysis()['flops']`): every op counts,
+               elementwise ones too
+  matmul_gflop the dot instructions of the compiled HLO alone (2 m n k each)
+with fraction_of_roof and matmul_fraction_of_roof (medians over the runs). XLA counts a loop
+body once, so FLOPs come from loop-free programs: the model unrolls its LSTM, and a case that
+runs its MC samples in chunks (`lax.map`) takes the FLOPs of the same samples in one vmap (the
+chunked random draws of `ucam_jax.threefry` count one chunk: integer ops, never matmuls).
+vmap_speedup compares predictive and naive at equal load: their times times their roofs.
+"""
+
+import functools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from ucam_jax import explain, gca, models, train, uncertainty
+from ucam_jax.datasets import synthetic
+
+FLAGS = flags.FLAGS
+
+MAX_ROOF_WINDOW = 5.0  # Seconds of matmuls around each timed run.
+TARGET = 0.5  # Fraction of the roof that training, MC dropout and U-CAM maps should reach.
+
+# The cases and their sizes. 'quick' shrinks the model too (see `quick_config`).
+SIZES = {
+    'full': dict(train_batches=(32, 220), batch=32, samples=50, sweep_samples=(1, 10, 50, 100),
+                 sweep_batches=(8, 32, 128), memory_batch=64, roof_size=2048),
+    'quick': dict(train_batches=(4,), batch=4, samples=2, sweep_samples=(2,),
+                  sweep_batches=(2, 4), memory_batch=4, roof_size=512),
+}
+
+
+def quick_config(config):
+  """The config at toy sizes: every code path of the full run, in seconds."""
+  config.model.update(embed_dim=16, question_dim=32, attention_dim=16, classifier_dim=32)
+  config.num_answers = 50
+  config.max_question_length = 4
+  config.ucam.aleatoric_samples = 10
+  config.grid_shape = (4, 4, 64)
+  config.vocab_size = 100
+  return config
+
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+  print(f'[{time.perf_counter() - _START:6.1f} s] {message}', file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+_HLO_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]')
+_HLO_DOT = re.compile(r'=\s*\w+\[([\d,]*)\][^=]*?\sdot\(%?([\w.\-]+),\s*%?([\w.\-]+)\)(.*)$')
+
+
+def matmul_flops(hlo_text: str) -> float:
+  """2 * m * n * k summed over the dot instructions of an HLO module's text (fused or not;
+  a loop body counts once)."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    if m := _HLO_INSTRUCTION.match(line):
+      shapes[m.group(1)] = [int(d) for d in m.group(2).split(',') if d]
+  total = 0
+  for line in hlo_text.splitlines():
+    if not (m := _HLO_DOT.search(line)):
+      continue
+    out = [int(d) for d in m.group(1).split(',') if d]
+    contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', m.group(4))
+    dims = contracting.group(1).split(',') if contracting else []
+    total += 2 * math.prod(out) * math.prod(shapes[m.group(2)][int(i)] for i in dims if i)
+  return float(total)
+
+
+def program_flops(compiled) -> dict:
+  """{'xla': cost-analysis FLOPs, 'matmul': dot FLOPs} of one call of a compiled program."""
+  return {'xla': float(compiled.cost_analysis()['flops']),
+          'matmul': matmul_flops(compiled.as_text())}
+
+
+def compile_with_flops(jitted, *args):
+  """(the compiled `jitted` for these arguments, `program_flops` of it)."""
+  compiled = jitted.lower(*args).compile()
+  return compiled, program_flops(compiled)
+
+
+class Roof:
+  """Times one [m, m] x [m, m] matmul: the machine's attainable matmul GFLOP/s, now."""
+
+  def __init__(self, size: int, dtype=jnp.float32):
+    self.size = size
+    self.dot = jax.jit(jnp.dot)
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    self.a = jax.random.normal(key_a, (size, size), dtype)
+    self.b = jax.random.normal(key_b, (size, size), dtype)
+    self.dot(self.a, self.b).block_until_ready()
+
+  def sample(self, seconds: float = 0.0) -> float:
+    """GFLOP/s of back-to-back matmuls over at least `seconds` (at least one matmul)."""
+    count, start = 0, time.perf_counter()
+    while True:
+      self.dot(self.a, self.b).block_until_ready()
+      count += 1
+      elapsed = time.perf_counter() - start
+      if elapsed >= seconds:
+        return count * 2 * self.size ** 3 / elapsed / 1e9
+
+
+def measure(fn, args, examples: int, flops: dict, roof: Roof, reps: int, **extra) -> dict:
+  """Warm-up once, then `reps` runs of fn(*args), each between two roof windows as long as the
+  warm-up run (at most MAX_ROOF_WINDOW seconds), so that both see the same load."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  window = min(time.perf_counter() - start, MAX_ROOF_WINDOW)
+  times, roofs = [], [roof.sample(window)]
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+    roofs.append(roof.sample(window))
+  around = [(before + after) / 2 for before, after in zip(roofs, roofs[1:])]
+  seconds = statistics.median(times)
+
+  def fraction(count):
+    return statistics.median(count / t / 1e9 / r for t, r in zip(times, around))
+  return {**extra, 'examples': examples, 'seconds': seconds, 'examples_per_s': examples / seconds,
+          'gflop': flops['xla'] / 1e9, 'gflop_per_s': flops['xla'] / seconds / 1e9,
+          'matmul_gflop': flops['matmul'] / 1e9,
+          'roof_gflop_per_s': statistics.median(roofs),
+          'fraction_of_roof': fraction(flops['xla']),
+          'matmul_fraction_of_roof': fraction(flops['matmul']),
+          'times': times, 'roof_samples': roofs}
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def make_batch(config, n: int, seed: int = 0, questions_per_image=None):
+  batch = synthetic.batch(seed, n, questions_per_image, grid_shape=config.grid_shape,
+                          num_answers=config.num_answers, vocab_size=config.vocab_size,
+                          max_question_length=config.max_question_length)
+  return jax.device_put(batch)
+
+
+def init_params(model, batch):
+  init = jax.jit(lambda k, f, t, l: model.init(k, f, t, l)['params'])
+  return {'params': init(jax.random.key(0), batch['image'][:1], batch['question'][:1],
+                         batch['length'][:1])}
+
+
+def encode(model, params, batch):
+  """(v, e, lengths): what the answer stage's inputs are made from, computed once."""
+  v = model.apply(params, batch['image'], method='encode_image')
+  e = model.apply(params, batch['question'], method='embed_question')
+  return v, e, batch['length']
+
+
+def predictive_fn(model, num_samples: int, chunk_size=None):
+  """(params, batch, key) -> `uncertainty.predictive_stats` of num_samples MC-dropout samples;
+  the encoders run once."""
+  def fn(params, batch, key):
+    inputs = gca.answer_inputs(model.apply, params, encode(model, params, batch))
+
+    def sample(k):
+      out = gca.answer(model.apply, params, inputs, k)
+      return out['logits'], out['sigma2']
+    return uncertainty.predictive_stats(
+        *uncertainty.mc_dropout(sample, key, num_samples, chunk_size))
+  return jax.jit(fn)
+
+
+def ucam_maps_fn(model, aleatoric_samples: int):
+  """(params, batch, key) -> U-CAM maps [n, h, w] of each question's L_AU of its own answer.
+
+  The aleatoric noise [samples, 1, answers] is drawn once per call and shared by the questions
+  (common random numbers): a map is a function of its question and the draw, as in the
+  training step, at 1/n of the random numbers.
+  """
+  def fn(params, batch, key):
+    v, q, _ = gca.answer_inputs(model.apply, params, encode(model, params, batch))
+    noise = uncertainty.sample_noise(key, aleatoric_samples, (1, model.num_answers))
+
+    def uncertainty_of_own_answer(out):
+      logits = out['logits']
+      own = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1])
+      return uncertainty.aleatoric_loss(logits, out['sigma2'], own, noise)['aleatoric'][None]
+    return explain.explain(functools.partial(model.apply, method='answer'), params, (v, q),
+                           'grid', uncertainty_of_own_answer, method='ucam')
+  return jax.jit(fn)
+
+
+def naive_fn(model, num_samples: int):
+  """The predictive statistics from num_samples full passes, one jitted call each: the shape
+  of the published evaluation code. Returns (fn, pass, stats) for the FLOP count."""
+  full = jax.jit(lambda params, batch, key: model.apply(
+      params, batch['image'], batch['question'], batch['length'], deterministic=False,
+      rngs={'dropout': key}))
+  stats = jax.jit(lambda outs: uncertainty.predictive_stats(
+      jnp.stack([o['logits'] for o in outs]), jnp.stack([o['sigma2'] for o in outs])))
+
+  def fn(params, batch, key):
+    return stats([full(params, batch, k) for k in jax.random.split(key, num_samples)])
+  return fn, full, stats
+
+
+def masked_grid_bytes(config, batch: int) -> int:
+  """Bytes of one MC sample's dropped-out copy of the grid features (the largest tensor)."""
+  itemsize = jnp.dtype(config.model.dtype).itemsize
+  return batch * int(np.prod(config.grid_shape)) * itemsize
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def train_cases(config, model, n: int, modes, roof, reps) -> dict:
+  """{mode: result}: `train.train_step` on n questions, one per image, aleatoric U."""
+  batch = make_batch(config, n, questions_per_image=1)
+  state = jax.jit(lambda b: train.create_train_state(config, model, 1, b))(batch)
+  results = {}
+  for mode in modes:
+    ucam = ml_collections.ConfigDict(config.ucam.to_dict())
+    ucam.update(mode=mode, uncertainty='aleatoric')
+    step, flops = compile_with_flops(
+        jax.jit(functools.partial(train.train_step, ucam=ucam)), state, batch)
+    results[mode] = measure(step, (state, batch), n, flops, roof, reps, batch=n, mode=mode,
+                            uncertainty='aleatoric', aleatoric_samples=ucam.aleatoric_samples)
+  return results
+
+
+def peak_bytes(compiled) -> int:
+  """Bytes XLA allocates for one call: compiled `memory_analysis()` argument + output + temp
+  bytes, less the aliased (donated) ones."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def predictive_programs(config, model, params, n, num_samples, budget):
+  """(args, chunk_size, compiled as run, the same samples compiled in one vmap)."""
+  args = (params, make_batch(config, n), jax.random.key(1))
+  chunk = uncertainty.chunk_size_within(num_samples, masked_grid_bytes(config, n), budget)
+  one_vmap = predictive_fn(model, num_samples).lower(*args).compile()
+  as_run = (one_vmap if chunk == num_samples
+            else predictive_fn(model, num_samples, chunk).lower(*args).compile())
+  return args, chunk, as_run, one_vmap
+
+
+def predictive_case(config, model, params, n, num_samples, roof, reps, budget):
+  """Run in chunks of samples when one vmap would not fit the budget; the FLOPs are those of
+  the loop-free program in one vmap (the same samples)."""
+  args, chunk, as_run, one_vmap = predictive_programs(config, model, params, n, num_samples,
+                                                      budget)
+  return measure(as_run, args, n, program_flops(one_vmap), roof, reps,
+                 batch=n, samples=num_samples, chunk_size=chunk, peak_bytes=peak_bytes(as_run),
+                 peak_bytes_one_vmap=peak_bytes(one_vmap))
+
+
+def ucam_case(config, model, params, n, roof, reps):
+  batch = make_batch(config, n)
+  key = jax.random.key(2)
+  fn, flops = compile_with_flops(ucam_maps_fn(model, config.ucam.aleatoric_samples),
+                                 params, batch, key)
+  return measure(fn, (params, batch, key), n, flops, roof, reps, batch=n,
+                 aleatoric_samples=config.ucam.aleatoric_samples)
+
+
+def naive_case(config, model, params, n, num_samples, roof, reps):
+  batch = make_batch(config, n)
+  key = jax.random.key(1)
+  fn, full, stats = naive_fn(model, num_samples)
+  outs = [full(params, batch, k) for k in jax.random.split(key, num_samples)]
+  one_pass = compile_with_flops(full, params, batch, key)[1]
+  statistics_ = compile_with_flops(stats, outs)[1]
+  flops = {k: num_samples * one_pass[k] + statistics_[k] for k in one_pass}
+  return measure(fn, (params, batch, key), n, flops, roof, reps, batch=n, samples=num_samples)
+
+
+def predictive_memory(config, model, params, n, num_samples, budget) -> dict:
+  """The memory of one predictive call, compiled and not run (see `peak_bytes`)."""
+  _, chunk, as_run, one_vmap = predictive_programs(config, model, params, n, num_samples,
+                                                   budget)
+  return {'batch': n, 'samples': num_samples, 'chunk_size': chunk,
+          'peak_bytes': peak_bytes(as_run), 'peak_bytes_one_vmap': peak_bytes(one_vmap)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict:
+  cpu = platform.processor() or platform.machine()
+  try:
+    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+    cpu = next(line.split(':', 1)[1].strip() for line in lscpu.splitlines()
+               if line.startswith('Model name'))
+  except (OSError, subprocess.CalledProcessError, StopIteration):
+    pass
+  device = jax.devices()[0]
+  return {'cpu': cpu, 'cpu_cores': os.cpu_count(), 'backend': jax.default_backend(),
+          'device': device.device_kind, 'jax': jax.__version__}
+
+
+def scaling_table(rows) -> str:
+  """Markdown: one row per (T, batch). Examples/s moves with the machine's load: the roof
+  column says what the load allowed; 'at median roof' and the fraction are normalised by it."""
+  lines = ['| T | batch | chunk | examples/s | at median roof | GFLOP/s | roof GFLOP/s | '
+           'fraction of roof | peak memory |', '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in sorted(rows, key=lambda r: (r['samples'], r['batch'])):
+    lines.append(f"| {r['samples']} | {r['batch']} | {r['chunk_size']} | "
+                 f"{r['examples_per_s']:.2f} | {r['examples_per_s_at_median_roof']:.2f} | "
+                 f"{r['gflop_per_s']:.1f} | "
+                 f"{r['roof_gflop_per_s']:.1f} | {r['fraction_of_roof']:.0%} | "
+                 f"{r['peak_bytes'] / 2 ** 20:.0f} MiB |")
+  return '\n'.join(lines)
+
+
+def plot_scaling(rows, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  for b in sorted({r['batch'] for r in rows}):
+    mine = sorted((r for r in rows if r['batch'] == b), key=lambda r: r['samples'])
+    ts = [r['samples'] for r in mine]
+    left.plot(ts, [r['examples_per_s_at_median_roof'] for r in mine], 'o-', label=f'batch {b}')
+    right.plot(ts, [r['fraction_of_roof'] for r in mine], 'o-', label=f'batch {b}')
+  left.set(xscale='log', yscale='log', xlabel='MC-dropout samples T',
+           ylabel='examples / s (at the median roof)', title='Predictive uncertainty')
+  right.set(xscale='log', xlabel='MC-dropout samples T', ylabel='fraction of matmul roof',
+            ylim=(0, 1.05), title='Achieved / measured fp32 matmul roof')
+  for ax in (left, right):
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int) -> dict:
+  """Every case; returns the report (see the module docstring)."""
+  sizes = SIZES['quick' if quick else 'full']
+  if 'vocab_size' not in config:  # Built from the data in training.
+    config.vocab_size = synthetic.VOCAB_SIZE
+  model = models.get_model(config, config.vocab_size, config.num_answers)
+  roof = Roof(sizes['roof_size'])
+  roof_samples = [roof.sample() for _ in range(max(reps, 5))]
+  log(f'roof: {statistics.median(roof_samples):.1f} GFLOP/s')
+  report = {'machine': {**machine(), 'load_average_at_start': os.getloadavg()},
+            'settings': {'quick': quick, 'dtype': config.model.dtype, 'reps': reps,
+                         'sweep_reps': sweep_reps, 'grid_shape': list(config.grid_shape),
+                         'num_answers': config.num_answers, 'vocab_size': config.vocab_size,
+                         'max_question_length': config.max_question_length,
+                         'aleatoric_samples': config.ucam.aleatoric_samples,
+                         'model': config.model.to_dict(), 'memory_budget_bytes': budget_bytes},
+            'roof': {'matmul': [sizes['roof_size']] * 2, 'dtype': 'float32',
+                     'gflop_per_s': statistics.median(roof_samples), 'samples': roof_samples},
+            'cases': {}}
+  if config.model.dtype != 'float32':  # For reference; fractions stay against fp32.
+    low = Roof(sizes['roof_size'], config.model.dtype)
+    report['roof'][f'{config.model.dtype}_gflop_per_s'] = statistics.median(
+        low.sample() for _ in range(max(reps, 5)))
+  cases = report['cases']
+
+  def record(name, result):
+    cases[name] = result
+    log(f"{name}: {result['examples_per_s']:.2f} examples/s, {result['gflop_per_s']:.1f} GFLOP/s"
+        f" = {result['fraction_of_roof']:.0%} of {result['roof_gflop_per_s']:.1f} (matmuls alone "
+        f"{result['matmul_fraction_of_roof']:.0%})")
+
+  for n in sizes['train_batches']:
+    for mode, result in train_cases(config, model, n, ('mask', 'loss_only'), roof, reps).items():
+      record(f'train_{mode}_b{n}', result)
+  n, t = sizes['batch'], sizes['samples']
+  params = init_params(model, make_batch(config, 1))
+  predictive = {}  # (samples, batch) -> result: the sweep reuses the main case.
+  predictive[t, n] = predictive_case(config, model, params, n, t, roof, reps, budget_bytes)
+  record(f'predictive_T{t}_b{n}', predictive[t, n])
+  record(f'ucam_maps_b{n}', ucam_case(config, model, params, n, roof, reps))
+  record(f'naive_T{t}_b{n}', naive_case(config, model, params, n, t, roof, reps))
+  # The two ran minutes apart under different loads: compare their times scaled by their roofs.
+  vmap, naive = predictive[t, n], cases[f'naive_T{t}_b{n}']
+  report['vmap_speedup'] = ((naive['seconds'] * naive['roof_gflop_per_s'])
+                            / (vmap['seconds'] * vmap['roof_gflop_per_s']))
+  report['vmap_speedup_raw'] = vmap['examples_per_s'] / naive['examples_per_s']
+
+  rows = []
+  for b in sizes['sweep_batches']:
+    for s in sizes['sweep_samples']:
+      if (s, b) not in predictive:
+        predictive[s, b] = predictive_case(config, model, params, b, s, roof, sweep_reps,
+                                           budget_bytes)
+      result = predictive[s, b]
+      log(f"sweep T={s} batch={b}: {result['examples_per_s']:.2f} examples/s "
+          f"({result['fraction_of_roof']:.0%})")
+      rows.append({k: result[k] for k in (
+          'samples', 'batch', 'chunk_size', 'examples_per_s', 'gflop_per_s', 'roof_gflop_per_s',
+          'fraction_of_roof', 'matmul_fraction_of_roof', 'peak_bytes')})
+      # Comparable across rows: examples/s had the roof been the run's median roof.
+      rows[-1]['examples_per_s_at_median_roof'] = (
+          result['examples_per_s'] * report['roof']['gflop_per_s'] / result['roof_gflop_per_s'])
+  report['scaling'] = rows
+  m = sizes['memory_batch']
+  if (t, m) in predictive:
+    report['memory'] = {k: predictive[t, m][k] for k in (
+        'batch', 'samples', 'chunk_size', 'peak_bytes', 'peak_bytes_one_vmap')}
+  else:
+    report['memory'] = predictive_memory(config, model, params, m, t, budget_bytes)
+  report['memory']['how'] = (
+      'XLA compiled memory_analysis(): argument + output + temp - alias bytes, as run (in '
+      'chunks of chunk_size samples) and with every sample in one vmap')
+  report['machine']['load_average_at_end'] = os.getloadavg()
+  # The issue's target: training, predictive uncertainty and U-CAM maps at >= 50% of the roof.
+  report['target'] = {
+      name: {'fraction_of_roof': c['fraction_of_roof'],
+             'matmul_fraction_of_roof': c['matmul_fraction_of_roof'],
+             'met': min(c['fraction_of_roof'], c['matmul_fraction_of_roof']) >= TARGET}
+      for name, c in cases.items() if not name.startswith('naive')}
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = ml_collections.ConfigDict(FLAGS.config.to_dict())  # Unlocked: bench fields below.
+  config.model.dtype = FLAGS.dtype
+  if FLAGS.quick:
+    config = quick_config(config)
+  report = run(config, FLAGS.quick, FLAGS.reps, FLAGS.sweep_reps,
+               FLAGS.memory_budget_mb * 2 ** 20)
+  table = scaling_table(report['scaling'])
+  log(table)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, 'bench.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(FLAGS.out, 'bench_table.md'), 'w') as f:
+    f.write('Predictive uncertainty, T MC-dropout samples (ucam_jax.bench)\n\n' + table + '\n')
+  plot_scaling(report['scaling'], os.path.join(FLAGS.out, 'bench.png'))
+  print(json.dumps(report, indent=2))
+
+
+def define_flags():
+  """The command's flags; defined only when it runs, so importing this module (tests do)
+  cannot clash with the flags of ucam_jax.main."""
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'base_vqa.py'),
+      'The model and U-CAM config.')
+  flags.DEFINE_bool('quick', False, 'Small shapes and few cases: a smoke test of the script.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'The model\'s compute dtype.')
+  flags.DEFINE_integer('reps', 5, 'Timed runs per case, after one warm-up run.')
+  flags.DEFINE_integer('sweep_reps', 3, 'Timed runs per case of the T x batch sweep (its largest '
+                       'case, T=100 at batch 128, is 5.5 TFLOP: a minute or more per run).')
+  flags.DEFINE_string('out', 'workdir/bench', 'Writes bench.json, bench_table.md, bench.png here.')
+  flags.DEFINE_integer('memory_budget_mb', 256, 'MC samples run in chunks whose masked copies '
+                       'of the image features fit this (uncertainty.chunk_size_within).')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
