@@ -10,12 +10,27 @@ answer, the MC-dropout uncertainty scores and every map type on the model's grid
   random           uniform noise, fixed by the seed: the chance level
 
 `evaluate` summarises them: exact and VQA-official accuracy (per question family where the split
-has one); calibration; per uncertainty score, AUROC / AUPR for detecting wrong answers; accuracy
-against the fraction of questions retained by predictive entropy; and, on splits with a ground-truth
-'mask', each map type's Spearman rank correlation with the mask's share of each grid cell (the
-mean over the questions where it is defined) and its pointing game. `faithfulness` adds deletion
+has one; on VQA per answer type); calibration; per uncertainty score, AUROC / AUPR for
+detecting wrong answers; accuracy against the fraction of questions retained by predictive
+entropy; and, on splits with a ground-truth 'mask' (or VQA-HAT maps), each map type's
+Spearman rank correlation with the mask's share of each grid cell (the mean over the questions
+where it is defined) and its pointing game. `faithfulness` adds deletion
 and insertion AUC on a fixed sample of questions; `evaluate_and_report` runs it all on the test
 split and writes workdir/report/ (training's end and `--mode=eval` share it).
+
+VQA (10 human answers per question): the official accuracy scores the predicted answer string
+against the 10 (`vqa_answers.official_accuracy`), over every question of the split, those whose
+answers are all outside the answer vocabulary included (they score 0, as in the standard
+practice). Everything else needs one true answer: it is the question's top answer (the most
+common human answer in the vocabulary, `input_pipeline.top_answer`), and a prediction is
+*correct* when it is that answer. So exact accuracy, loss (-log p of the top answer), ECE, NLL,
+Brier, the uncertainty scores' AUROC / AUPR for wrong answers and the retention curve are over
+the questions that have a top answer ('num_labelled' of 'num_examples'): a question no answer
+of the vocabulary can match has no top-label correctness to calibrate against. (Correct as
+"VQA accuracy > 0" would call an answer that 1 of 10 annotators gave correct; the top answer is
+the definition that top-label calibration uses.)
+VQA-HAT: the human maps, resized to the model grid (`datasets.vqa.human_attention`), are the
+'ground_truth' of the map agreement.
 
 Cost, measured on the default job (configs/san.py, 9,673 test questions) on 2 shared CPU cores:
 the maps in the step cost nothing measurable per batch (the image stem and the 20 MC-dropout
@@ -31,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 from tqdm import tqdm
 
 from ucam_jax import (explain, gca, input_pipeline, metrics, report, sharding, uncertainty,
@@ -73,8 +89,11 @@ def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(answer_fn, mc_key, mc_samples))
   logits = out.pop('logits')
   del out['sigma2']  # The MC mean of sigma2 is in stats.
+  # VQA marks questions without a top answer -1: their loss is computed for class 0 and never
+  # summarised (see the module docstring).
+  labels = jnp.maximum(batch['answer'], 0)
   return {'probs': jax.nn.softmax(logits), 'mc_probs': stats.pop('probs'),
-          'loss': optax.softmax_cross_entropy_with_integer_labels(logits, batch['answer']),
+          'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
           **stats, **out}
 
 
@@ -102,9 +121,11 @@ def ground_truth_on_grid(mask, grid: tuple[int, int]):
 def explain_questions(apply_fn, params, batch, key, config) -> dict:
   """Everything the evaluation and the figures use, for a batch of questions.
 
-  batch: as `eval_step`, with an optional 'mask' [n, H, W] bool, the ground-truth attention.
+  batch: as `eval_step`, with an optional ground-truth attention: 'mask' [n, H, W] bool, or
+  'ground_truth' [n, h, w] already on the model grid (VQA-HAT).
   Returns eval_step's outputs plus 'gradcam', 'ucam' and 'random' [n, h, w], 'word_certainty'
-  [n, length] and, with a mask, 'ground_truth' [n, h, w] (`ground_truth_on_grid`). The U-CAM
+  [n, length] and, with either, 'ground_truth' [n, h, w] (a mask through
+  `ground_truth_on_grid`). The U-CAM
   maps are of U (`gca.uncertainty_term` of the model's own answer, noise drawn once for the
   batch), one question at a time: a map does not depend on the other questions.
   """
@@ -136,6 +157,8 @@ def explain_questions(apply_fn, params, batch, key, config) -> dict:
   out['word_certainty'] = gca.certainty_map(words, grads, batch['length'])
   if 'mask' in batch:
     out['ground_truth'] = ground_truth_on_grid(batch['mask'], v.shape[1:3])
+  elif 'ground_truth' in batch:
+    out['ground_truth'] = batch['ground_truth']
   return out
 
 
@@ -174,15 +197,28 @@ def vqa_accuracy(predicted, labels, answer_names, human_answers=None) -> np.ndar
   return metrics.vqa_accuracy([normalise(answer_names[p]) for p in predicted], humans)
 
 
-def summarise(out, config, answer_names=None, family_names=None, human_answers=None) -> dict:
+def summarise(out, config, answer_names=None, family_names=None, human_answers=None,
+              answer_types=None) -> dict:
   """The metrics of `evaluate` from its per-question outputs (see there)."""
+  results = {'num_examples': len(out['answer'])}
+  if answer_names is not None and answer_types is not None:  # VQA: every question.
+    official = vqa_answers.official_accuracy(
+        [answer_names[p] for p in out['probs'].argmax(-1)], human_answers, answer_types)
+    results['vqa_accuracy'] = official.overall
+    results['vqa_accuracy_per_answer_type'] = official.per_answer_type
+  labelled = out['answer'] >= 0
+  if answer_types is not None or not labelled.all():
+    results['num_labelled'] = int(labelled.sum())
+  if not labelled.all():  # VQA: the rest are over the questions with a top answer.
+    out = {k: v[labelled] for k, v in out.items()}
+    human_answers = None if human_answers is None else [
+        h for h, keep in zip(human_answers, labelled) if keep]
   labels = out['answer']
   predicted = out['probs'].argmax(-1)
   wrong = predicted != labels
-  results = {'accuracy': float(1 - wrong.mean()), 'loss': float(out['loss'].mean()),
-             'num_examples': len(labels),
-             'mc_accuracy': metrics.accuracy(out['mc_probs'].argmax(-1), labels)}
-  if answer_names is not None:
+  results.update({'accuracy': float(1 - wrong.mean()), 'loss': float(out['loss'].mean()),
+                  'mc_accuracy': metrics.accuracy(out['mc_probs'].argmax(-1), labels)})
+  if answer_names is not None and 'vqa_accuracy' not in results:
     results['vqa_accuracy'] = float(
         vqa_accuracy(predicted, labels, answer_names, human_answers).mean())
   if 'family' in out and family_names is not None:
@@ -215,13 +251,17 @@ def summarise(out, config, answer_names=None, family_names=None, human_answers=N
 
 
 def evaluate(params, apply_fn, batches, num_batches: int, mesh, config, desc: str = 'eval', *,
-             answer_names=None, family_names=None, human_answers=None) -> tuple[dict, dict]:
+             answer_names=None, family_names=None, human_answers=None,
+             answer_types=None) -> tuple[dict, dict]:
   """Evaluates `explain_questions` on every batch: (metrics, per-question outputs).
 
   The outputs are numpy arrays [n, ...] in record order, with the labels as 'answer' (and
   'family' where the split has it). The metrics: exact accuracy, loss, the MC-dropout mean's
   accuracy; with `answer_names`, the official VQA accuracy (see `vqa_accuracy` for
-  `human_answers`); with `family_names`, accuracy per question family; calibration, top-label
+  `human_answers`); VQA (`human_answers` and `answer_types` [n], in record order): the official
+  accuracy over every question and per answer type, 'vqa_accuracy_per_answer_type', and the
+  other metrics over the questions with a top answer (label >= 0; see the module docstring);
+  with `family_names`, accuracy per question family; calibration, top-label
   ECE with 15 equal-width bins, NLL and Brier, of the deterministic softmax and of the
   MC-dropout mean; 'uncertainty': for each MC-dropout score, its mean over correct and over
   wrong answers and its AUROC / AUPR for detecting wrong answers (nan when every answer is
@@ -241,7 +281,7 @@ def evaluate(params, apply_fn, batches, num_batches: int, mesh, config, desc: st
     out, inputs, weight = sharding.to_host((out, inputs, batch['weight']))
     outputs.append(jax.tree.map(lambda x: x[weight > 0], {**out, **inputs}))
   out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-  return summarise(out, config, answer_names, family_names, human_answers), out
+  return summarise(out, config, answer_names, family_names, human_answers, answer_types), out
 
 
 # --------------------------------------------------------------------------- samples
@@ -253,10 +293,11 @@ def sample_indices(num_examples: int, count: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(num_examples, min(count, num_examples), replace=False))
 
 
-def read_questions(source, indices, vocab, config) -> dict:
+def read_questions(source, indices, vocab, config, preprocess=None) -> dict:
   """The model inputs of questions `indices` of `source` (a random-access split) as numpy
-  arrays ('image', 'question', 'length', 'answer'), and their text."""
-  preprocess = input_pipeline.Preprocess(vocab, config.max_question_length)
+  arrays ('image', 'question', 'length', 'answer'), and their text. `preprocess`: as
+  `input_pipeline.eval_batches`."""
+  preprocess = preprocess or input_pipeline.Preprocess(vocab, config.max_question_length)
   raw = [source[int(i)] for i in indices]
   examples = [preprocess.map(example) for example in raw]
   batch = {k: np.stack([x[k] for x in examples]) for k in ('image', 'question', 'length',
@@ -264,12 +305,18 @@ def read_questions(source, indices, vocab, config) -> dict:
   return {**batch, 'text': [example['question'].decode() for example in raw]}
 
 
-def explain_sample(outputs, source, vocab, config) -> dict:
+def explain_sample(outputs, source, vocab, config, preprocess=None, display=None) -> dict:
   """The fixed sample of `config.report_questions` questions that the report shows: their rows
-  of `evaluate`'s outputs, with their inputs and 'index' (their record numbers)."""
-  indices = sample_indices(len(outputs['answer']), config.report_questions, config.seed)
-  return {**{k: v[indices] for k, v in outputs.items()},
-          **read_questions(source, indices, vocab, config), 'index': indices}
+  of `evaluate`'s outputs, with their inputs and 'index' (their record numbers). Only questions
+  with a true answer (label >= 0) are drawn. `display(image_ids) -> [n, S, S, 3] uint8`
+  replaces 'image' with a picture when the model's input is not one (grid features)."""
+  candidates = np.flatnonzero(outputs['answer'] >= 0)
+  indices = candidates[sample_indices(len(candidates), config.report_questions, config.seed)]
+  sample = {**{k: v[indices] for k, v in outputs.items()},
+            **read_questions(source, indices, vocab, config, preprocess), 'index': indices}
+  if display is not None:
+    sample['image'] = display([int(source[int(i)]['image_id']) for i in indices])
+  return sample
 
 
 def answer_probability(apply_fn, params, images, question, length, answer, key, ucam):
@@ -282,18 +329,19 @@ def answer_probability(apply_fn, params, images, question, length, answer, key, 
   return jax.nn.softmax(out['logits'])[jnp.arange(len(answer)), answer]
 
 
-def faithfulness(params, apply_fn, source, outputs, vocab, config) -> dict:
+def faithfulness(params, apply_fn, source, outputs, vocab, config, preprocess=None) -> dict:
   """{type: {'deletion_auc', 'insertion_auc'}}: means over `config.faithfulness_questions` test
   questions fixed by the seed, `config.faithfulness_steps` steps (`metrics.deletion_insertion_auc`).
 
   The score is the model's probability of its original answer; a deleted pixel takes the
   image's mean colour, which the stem's mean-colour subtraction maps to about zero: no content.
+  On grid features a deleted cell takes the grid's mean feature.
   Every map type runs in one batch, so each step is one call. Every process runs it.
   """
   if not config.faithfulness_questions:
     return {}
   indices = sample_indices(len(outputs['answer']), config.faithfulness_questions, config.seed)
-  batch = read_questions(source, indices, vocab, config)
+  batch = read_questions(source, indices, vocab, config, preprocess)
   maps = map_types({k: v[indices] for k, v in outputs.items()})
   copies = len(maps)
 
@@ -318,22 +366,69 @@ def faithfulness(params, apply_fn, source, outputs, vocab, config) -> dict:
           for i, name in enumerate(maps)}
 
 
-def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir: str) -> dict:
+def display_images(builder, split: str, size: int = 224):
+  """VQA on grid features: `display(image_ids)` -> [n, size, size, 3] uint8, the COCO images
+  for the report's figures (grey where the file is not in the manual directory)."""
+  def display(image_ids):
+    images = []
+    for image_id in image_ids:
+      path = builder.image_path(split, image_id)
+      try:
+        with Image.open(path) as im:
+          images.append(np.asarray(im.convert('RGB').resize((size, size))))
+      except (OSError, TypeError, AttributeError):
+        images.append(np.full((size, size, 3), 128, np.uint8))
+    return np.stack(images)
+  return display
+
+
+def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir: str,
+                        answers=None) -> dict:
   """Evaluates on the test split (`evaluate`, `faithfulness`) and, on process 0, writes
   workdir/report/: the plots and the figures of `explain_sample` (`report.write`). Returns the
   test metrics; 'maps' holds, per map type, the agreement with the ground truth (splits with a
-  mask) and the faithfulness."""
+  mask, or VQA-HAT maps) and the faithfulness.
+
+  VQA (`answers`, the training run's `vqa_answers.AnswerVocabulary`): the validation split, or
+  that of `config.eval_dataset` when set (e.g. 'vqa/v1_hat_questions': VQA-HAT); the visual
+  input as `config.features` says.
+  """
+  if config.get('eval_dataset'):
+    builder = input_pipeline.get_builder(config, config.eval_dataset)
   features = builder.info.features
-  with_mask = 'mask' in features
-  source = input_pipeline.data_source(builder, 'test', with_mask=with_mask)
-  batches, num_batches = input_pipeline.eval_batches(source, vocab, config, with_mask=with_mask)
-  answer_names = features['answer'].names
-  # The VQA builder's 10 human answers go in as `human_answers` once VQA joins the pipeline.
+  split = input_pipeline.evaluation_split(builder)
+  with_mask = 'mask' in features or 'hat_maps' in features
+  preprocess, display, answer_types, human_answers = None, None, None, None
+  if answers is None:
+    answer_names = features['answer'].names
+    source = input_pipeline.data_source(builder, split, with_mask=with_mask)
+  else:
+    answer_names = list(answers.answers)
+    kind = input_pipeline.check_features(config)
+    source = input_pipeline.data_source(builder, split, with_mask=with_mask, features=kind)
+    table = input_pipeline.question_table(builder, split)
+    human_answers, answer_types = table.human_answers, table.answer_type
+    visual = None
+    if kind == 'grid':
+      visual = input_pipeline.visual_reader(builder, split, source, table, config)
+      display = display_images(builder, split)
+    grid = None
+    if with_mask:  # The model's grid, for the HAT maps.
+      example = visual(None, int(table.image_id[0])) if visual else source[0]['image']
+      grid = jax.eval_shape(lambda x: apply_fn(params, x, method='encode_image'),
+                            jax.ShapeDtypeStruct((1, *example.shape), example.dtype)).shape[1:3]
+    preprocess = input_pipeline.Preprocess(vocab, config.max_question_length, with_mask,
+                                           answers, visual, grid)
+  batches, num_batches = input_pipeline.eval_batches(source, vocab, config, with_mask=with_mask,
+                                                     preprocess=preprocess)
   results, outputs = evaluate(
-      params, apply_fn, batches, num_batches, mesh, config, desc='test',
+      params, apply_fn, batches, num_batches, mesh, config, desc=split,
       answer_names=answer_names,
-      family_names=features['family'].names if 'family' in features else None)
-  faithful = faithfulness(params, apply_fn, source, outputs, vocab, config)
+      family_names=features['family'].names if 'family' in features else None,
+      human_answers=human_answers, answer_types=answer_types)
+  if answers is not None:
+    results['split'] = split  # VQA evaluates on validation.
+  faithful = faithfulness(params, apply_fn, source, outputs, vocab, config, preprocess)
   if faithful:
     results['maps'] = {name: {**results.get('maps', {}).get(name, {}), **values}
                        for name, values in faithful.items()}
@@ -341,10 +436,12 @@ def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir:
                                                 results['num_examples']),
                                'steps': config.faithfulness_steps, 'baseline': 'mean colour'}
   if jax.process_index() == 0:
-    sample = explain_sample(outputs, source, vocab, config)
+    sample = explain_sample(outputs, source, vocab, config, preprocess, display)
     spearman = ({name: rho for name, (rho, _) in attention_agreement(outputs).items()}
                 if 'ground_truth' in outputs else {})
-    plots = report.plot_evaluation(workdir, outputs, results, spearman)
+    labelled = outputs['answer'] >= 0  # The plots' correct / wrong need a true answer.
+    plots = report.plot_evaluation(workdir, {k: v[labelled] for k, v in outputs.items()},
+                                   results, spearman)
     report.write(workdir, sample, vocab, answer_names, config,
                  {f'test {k}': results[k] for k in ('accuracy', 'vqa_accuracy', 'ece', 'nll',
                                                     'brier') if k in results},

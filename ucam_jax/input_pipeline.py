@@ -5,6 +5,16 @@ the image stem runs once for all of them (easy-VQA has ~10 questions per image; 
 of the cost). A training batch is a pure function of (seed, step): the pipeline is a random-access
 grain `MapDataset`, so resuming at step s starts reading at batch s, with no iterator state.
 Evaluation reads one question at a time, in order.
+
+VQA (`datasets.vqa`): the answers are the top `config.num_answers` normalised human answers of
+the training split (`vqa_answers.AnswerVocabulary`); a training question carries 'targets'
+[K], the share of its 10 annotators who gave each answer (SPEC section 4: count / 10), and
+'answer', the most common of them in the vocabulary (-1 when none is: such questions are left
+out of training and count as wrong in evaluation). `config.features` says what the model reads:
+'image' (the examples' pixels) or 'grid' (features looked up by `image_id` in the grid store of
+the split's image folder, `Vqa.open_grid_store`: memory-mapped, read once per question group,
+never copied per question). The batches keep the key 'image' for either: it is the model's
+visual input (`encode_image`).
 """
 
 import collections
@@ -17,49 +27,152 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ucam_jax import vqa_answers
+from ucam_jax.datasets import vqa
 from ucam_jax.datasets.easy_vqa import EasyVqa
 from ucam_jax.datasets.grounded_shapes import GroundedShapes
 from ucam_jax.text import Vocabulary
 
-BUILDERS = {'easy_vqa': EasyVqa, 'grounded_shapes': GroundedShapes}
+BUILDERS = {'easy_vqa': EasyVqa, 'grounded_shapes': GroundedShapes, 'vqa': vqa.Vqa}
+FEATURES = ('image', 'grid')  # config.features: what the model reads.
+VISUAL_KEYS = ('image', 'grid')  # The examples' visual input (vqa: one of them, or neither).
+SKIP = tfds.decode.SkipDecoding()
 
 
-def get_builder(config) -> tfds.core.DatasetBuilder:
+def get_builder(config, dataset: str | None = None) -> tfds.core.DatasetBuilder:
   """The dataset's TFDS builder, prepared (built once into `config.data_dir`) on first use.
 
+  `dataset` (default `config.dataset`) is a builder name, or 'name/config' (e.g. 'vqa/v1').
   An optional `config.dataset_kwargs` (a ConfigDict) holds the builder's own settings.
   """
-  if config.dataset not in BUILDERS:
-    raise ValueError(f'Unknown dataset {config.dataset!r}; known: {sorted(BUILDERS)}.')
+  name, _, builder_config = (dataset or config.dataset).partition('/')
+  if name not in BUILDERS:
+    raise ValueError(f'Unknown dataset {name!r}; known: {sorted(BUILDERS)}.')
   data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
-  builder = BUILDERS[config.dataset](data_dir=data_dir, **(config.get('dataset_kwargs') or {}))
+  kwargs = dict(config.get('dataset_kwargs') or {})
+  if builder_config:
+    kwargs['config'] = builder_config
+  builder = BUILDERS[name](data_dir=data_dir, **kwargs)
   builder.download_and_prepare()
   return builder
 
 
-def data_source(builder, split: str, with_mask: bool = False):
-  """Random-access source of decoded examples; training skips decoding the attention mask."""
-  decoders = None if with_mask else {'mask': tfds.decode.SkipDecoding()}
-  return builder.as_data_source(split, decoders=decoders)
+def is_vqa(builder) -> bool:
+  """VQA-style answers: 10 human answers per question, no answer label."""
+  return 'answers' in builder.info.features
+
+
+def evaluation_split(builder) -> str:
+  """The split evaluation runs on: 'test', or for VQA 'validation' (its test split has no
+  answers)."""
+  return 'validation' if is_vqa(builder) else 'test'
+
+
+def data_source(builder, split: str, with_mask: bool = False, features: str = 'image'):
+  """Random-access source of decoded examples. Training skips decoding the attention mask;
+  with features='grid' the stored image (or grid) is not decoded either. (VQA-HAT maps, a
+  sequence, cannot be skipped in numpy decoding; they are only in the small HAT split.)"""
+  features_of = builder.info.features
+  skipped = [] if with_mask else ['mask']
+  if features == 'grid':
+    skipped += VISUAL_KEYS
+  decoders = {k: SKIP for k in skipped if k in features_of}
+  return builder.as_data_source(split, decoders=decoders or None)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuestionTable:
-  """Every question of a split, without the images: [n] arrays in record order."""
+  """Every question of a split, without the images: [n] arrays in record order.
+
+  VQA also has human_answers (each question's 10, as stored) and answer_type; its `answer`
+  is all -1 until `label_answers` sets it.
+  """
   question: list[str]
   answer: np.ndarray
   image_id: np.ndarray
+  human_answers: list[list[str]] | None = None
+  answer_type: list[str] | None = None
 
 
 def question_table(builder, split: str) -> QuestionTable:
-  skip = tfds.decode.SkipDecoding()
-  source = builder.as_data_source(split, decoders={'image': skip, 'mask': skip})
+  features = builder.info.features
+  skipped = ('mask', *VISUAL_KEYS)
+  source = builder.as_data_source(split, decoders={k: SKIP for k in skipped if k in features})
   # Chunked reads: array_record reads a list of records several times faster than one by one.
   chunks = (range(i, min(i + 4096, len(source))) for i in range(0, len(source), 4096))
   examples = [example for chunk in chunks for example in source.__getitems__(chunk)]
-  return QuestionTable(question=[e['question'].decode() for e in examples],
-                       answer=np.array([e['answer'] for e in examples], np.int32),
-                       image_id=np.array([e['image_id'] for e in examples], np.int32))
+  table = QuestionTable(
+      question=[e['question'].decode() for e in examples],
+      answer=(np.full(len(examples), -1, np.int32) if is_vqa(builder)
+              else np.array([e['answer'] for e in examples], np.int32)),
+      image_id=np.array([e['image_id'] for e in examples], np.int32))
+  if is_vqa(builder):
+    table = dataclasses.replace(
+        table, human_answers=[[a.decode() for a in e['answers']] for e in examples],
+        answer_type=[e['answer_type'].decode() for e in examples])
+  return table
+
+
+def top_answer(answers: vqa_answers.AnswerVocabulary, human_answers) -> int:
+  """The most common of a question's human answers that is in the vocabulary (ties: the more
+  frequent one in training), or -1 when none is."""
+  if not human_answers:
+    return -1
+  counts = answers.targets(human_answers)
+  return int(counts.argmax()) if counts.any() else -1
+
+
+def label_answers(table: QuestionTable, answers: vqa_answers.AnswerVocabulary) -> QuestionTable:
+  """VQA: `table` with `answer` set to each question's `top_answer`."""
+  return dataclasses.replace(table, answer=np.array(
+      [top_answer(answers, h) for h in table.human_answers], np.int32))
+
+
+class ImageReader:
+  """Visual input from the examples: `reader(record, image_id)` -> the stored image."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __call__(self, record: int, image_id: int):
+    return self.source[record]['image']
+
+
+class GridReader:
+  """Visual input from a grid-feature store: `reader(record, image_id)` -> [h, w, c] float16,
+  read from the memory map."""
+
+  def __init__(self, store):
+    self.store = store
+
+  def __call__(self, record: int, image_id: int):
+    return self.store[image_id]
+
+
+def check_features(config) -> str:
+  features = config.get('features', 'image')
+  if features not in FEATURES:
+    raise ValueError(f'config.features is {features!r}; choose one of {list(FEATURES)}.')
+  return features
+
+
+def visual_reader(builder, split: str, source, table: QuestionTable, config):
+  """The reader of the model's visual input for `split` under `config.features`: the examples'
+  images, or (VQA, 'grid') the store of the split's image folder, checked to hold every image
+  the questions use with grids of `config.grid_shape`."""
+  if check_features(config) == 'image':
+    if 'image' not in builder.info.features:
+      raise ValueError(f'{builder.name}/{builder.builder_config.name} stores no images; with '
+                       "config.features='image' choose an image config (e.g. 'vqa/v1'), or "
+                       "set config.features='grid'.")
+    return ImageReader(source)
+  if not isinstance(builder, vqa.Vqa):
+    raise ValueError("config.features='grid' reads VQA grid-feature stores; "
+                     f"{builder.name} has images: set config.features='image'.")
+  if not config.get('grid_shape'):
+    raise ValueError("config.features='grid' needs config.grid_shape, the [h, w, c] of the "
+                     'stored grids (ResNet-152 at 448 px: (14, 14, 2048)).')
+  return GridReader(builder.open_grid_store(split, tuple(config.grid_shape), table.image_id))
 
 
 class QuestionGroups:
@@ -67,16 +180,22 @@ class QuestionGroups:
 
   Each image's questions, in record order, are cut into groups of at most `size`; a group is
   padded to `size` questions with `weight` 0. The order of groups is fixed (by image id).
+  With `answers` (VQA; `table` labelled by `label_answers`) a group also has 'targets'
+  [size, K], and questions without an answer in the vocabulary are left out. `visual` reads
+  the visual input (default: the examples' images, `ImageReader(source)`).
   """
 
   def __init__(self, source, table: QuestionTable, vocab: Vocabulary, size: int,
-               max_question_length: int):
+               max_question_length: int, answers: vqa_answers.AnswerVocabulary | None = None,
+               visual=None):
     by_image = collections.defaultdict(list)
     for index, image_id in enumerate(table.image_id):
-      by_image[int(image_id)].append(index)
+      if answers is None or table.answer[index] >= 0:
+        by_image[int(image_id)].append(index)
     self.groups = [records[i:i + size] for _, records in sorted(by_image.items())
                    for i in range(0, len(records), size)]
-    self.source, self.table, self.vocab = source, table, vocab
+    self.source, self.table, self.vocab, self.answers = source, table, vocab, answers
+    self.visual = visual or ImageReader(source)
     self.size, self.max_question_length = size, max_question_length
 
   def __len__(self) -> int:
@@ -91,25 +210,51 @@ class QuestionGroups:
                                                 self.max_question_length)
     answers = np.zeros(self.size, np.int32)
     answers[:len(records)] = self.table.answer[records]
-    return {'image': self.source[records[0]]['image'], 'question': tokens, 'length': lengths,
-            'answer': answers, 'weight': (np.arange(self.size) < len(records)).astype(np.float32),
-            'image_id': self.table.image_id[records[0]]}
+    image_id = self.table.image_id[records[0]]
+    group = {'image': self.visual(records[0], image_id), 'question': tokens, 'length': lengths,
+             'answer': answers, 'weight': (np.arange(self.size) < len(records)).astype(np.float32),
+             'image_id': image_id}
+    if self.answers is not None:
+      group['targets'] = np.zeros((self.size, self.answers.size), np.float32)
+      for i, record in enumerate(records):
+        group['targets'][i] = self.answers.targets(self.table.human_answers[record])
+    return group
 
 
 class Preprocess(grain.transforms.Map):
   """TFDS example -> model inputs: uint8 image, question ids and length, answer id; with_mask:
-  the ground-truth attention 'mask' [H, W] bool; the question 'family' where the split has it."""
+  the ground-truth attention 'mask' [H, W] bool; the question 'family' where the split has it.
 
-  def __init__(self, vocab: Vocabulary, max_question_length: int, with_mask: bool = False):
+  VQA: `answers` (the vocabulary) gives 'answer' = `top_answer` (-1: none in the vocabulary);
+  `visual` (a `GridReader`) replaces the image with the grid of `image_id`; with_mask and
+  `grid` (the model's [h, w]): 'ground_truth' [h, w] float32, the VQA-HAT maps on the grid
+  (`vqa.human_attention`).
+  """
+
+  def __init__(self, vocab: Vocabulary, max_question_length: int, with_mask: bool = False,
+               answers: vqa_answers.AnswerVocabulary | None = None, visual=None,
+               grid: tuple[int, int] | None = None):
     self.vocab = vocab
     self.max_question_length = max_question_length
     self.with_mask = with_mask
+    self.answers, self.visual, self.grid = answers, visual, grid
 
   def map(self, example):
     tokens, length = self.vocab.encode(example['question'].decode(), self.max_question_length)
-    out = {'image': example['image'], 'question': tokens, 'length': np.int32(length),
-           'answer': np.int32(example['answer']), 'image_id': np.int32(example['image_id'])}
-    if self.with_mask:
+    if self.answers is None:
+      answer = example['answer']
+    else:
+      answer = top_answer(self.answers, [a.decode() for a in example['answers']])
+    image = (example['image'] if self.visual is None
+             else self.visual(None, int(example['image_id'])))
+    out = {'image': image, 'question': tokens, 'length': np.int32(length),
+           'answer': np.int32(answer), 'image_id': np.int32(example['image_id'])}
+    if self.with_mask and 'hat_maps' in example:
+      if self.grid is None:
+        raise ValueError('VQA-HAT maps need the model grid: pass Preprocess(grid=(h, w)).')
+      out['ground_truth'] = vqa.human_attention(example['hat_maps'], self.grid).astype(
+          np.float32)
+    elif self.with_mask:
       out['mask'] = example['mask'][..., 0] > 0
     if 'family' in example:  # Grounded shapes: the evaluation reports accuracy per family.
       out['family'] = np.int32(example['family'])
@@ -140,13 +285,16 @@ def train_batches(groups: QuestionGroups, config, start_step: int = 0):
   return iter(ds[start_step:].to_iter_dataset(read_options(config)))
 
 
-def eval_batches(source, vocab: Vocabulary, config, with_mask: bool = False):
+def eval_batches(source, vocab: Vocabulary, config, with_mask: bool = False,
+                 preprocess: Preprocess | None = None):
   """The whole split once, in order, in batches of `config.eval_batch_size`; the last one is
   padded to full size, with `weight` 0 on the padding. Each process reads its rows of every
-  batch (as in `train_batches`); returns (this process's batches, number of batches)."""
+  batch (as in `train_batches`); returns (this process's batches, number of batches).
+  `preprocess` (default: `Preprocess(vocab, config.max_question_length, with_mask)`) maps each
+  example."""
   batch_size = local_batch_size(config.eval_batch_size)
   local = grain.MapDataset.source(source).map(
-      Preprocess(vocab, config.max_question_length, with_mask))
+      preprocess or Preprocess(vocab, config.max_question_length, with_mask))
   local = local.batch(batch_size, drop_remainder=False).map(lambda b: pad_batch(b, batch_size))
   processes, index = jax.process_count(), jax.process_index()
   num_batches = -(-len(local) // processes)

@@ -23,18 +23,39 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from ucam_jax import (distributed, evaluate, gca, input_pipeline, metric_writer, models, sharding,
-                      storage)
+                      storage, vqa_answers)
 from ucam_jax.text import Vocabulary
+
+ANSWERS_FILE = 'answers.json'  # VQA's answer vocabulary, beside vocabulary.json.
 
 
 class TrainState(train_state.TrainState):
   rng: jax.Array  # Raw uint32 key, split once per step.
 
 
+SCHEDULES = ('cosine', 'step')
+
+
+def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
+  """`config.learning_rate_schedule`: 'cosine' (the default) decays from `learning_rate` to
+  `final_learning_rate_factor` of it over the run; 'step' multiplies it by `decay_factor` every
+  `decay_every_steps` steps (the published base model: halved every 50k iterations)."""
+  name = config.get('learning_rate_schedule', 'cosine')
+  if name == 'cosine':
+    return optax.cosine_decay_schedule(config.learning_rate, max(num_steps, 1),
+                                       alpha=config.final_learning_rate_factor)
+  if name == 'step':
+    if config.decay_every_steps < 1 or not 0 < config.decay_factor <= 1:
+      raise ValueError('The step schedule needs config.decay_every_steps >= 1 and 0 < '
+                       f'config.decay_factor <= 1; got {config.decay_every_steps} and '
+                       f'{config.decay_factor}.')
+    return optax.exponential_decay(config.learning_rate, config.decay_every_steps,
+                                   config.decay_factor, staircase=True)
+  raise ValueError(f'config.learning_rate_schedule is {name!r}; choose one of {list(SCHEDULES)}.')
+
+
 def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
-  schedule = optax.cosine_decay_schedule(config.learning_rate, max(num_steps, 1),
-                                         alpha=config.final_learning_rate_factor)
-  return optax.adam(schedule)
+  return optax.adam(learning_rate_schedule(config, num_steps))
 
 
 def create_train_state(config, model: nn.Module, num_steps: int, batch) -> TrainState:
@@ -59,14 +80,18 @@ def train_step(state: TrainState, batch, ucam):
   """One optimiser step on a global batch of question groups under the `config.ucam` switches.
 
   Returns the new state and the batch's mean loss terms (see gca.forward) and accuracy over its
-  real (weight 1) questions.
+  real (weight 1) questions. The loss's targets are the batch's soft 'targets' [b, g, answers]
+  where it has them (VQA), else its 'answer' indices; accuracy is against 'answer'.
   """
   rng, step_rng = jax.random.split(state.rng)
   labels, weights = batch['answer'].reshape(-1), batch['weight'].reshape(-1)
+  targets = labels
+  if 'targets' in batch:
+    targets = batch['targets'].reshape(-1, batch['targets'].shape[-1])
 
   def loss_fn(params):
     features = group_features(state.apply_fn, params, batch)
-    terms, out = gca.forward(state.apply_fn, params, features, labels, weights, step_rng, ucam,
+    terms, out = gca.forward(state.apply_fn, params, features, targets, weights, step_rng, ucam,
                              train=True)
     return terms['loss'], (terms, out['logits'])
 
@@ -100,6 +125,32 @@ def load_or_build_vocabulary(workdir: str, table: input_pipeline.QuestionTable) 
   if jax.process_index() == 0:  # Every process builds the same one.
     vocab.save(path)
   return vocab
+
+
+def load_or_build_answers(workdir: str, table: input_pipeline.QuestionTable,
+                          num_answers: int) -> vqa_answers.AnswerVocabulary:
+  """VQA's answer vocabulary: the `num_answers` most frequent normalised human answers of the
+  training questions, built and saved in the workdir (answers.json) on the first run, reused
+  when resuming and by --mode=eval."""
+  path = epath.Path(workdir) / ANSWERS_FILE
+  if path.exists():
+    return vqa_answers.AnswerVocabulary(tuple(json.loads(path.read_text())['answers']))
+  answers = vqa_answers.AnswerVocabulary.build(table.human_answers, num_answers)
+  if jax.process_index() == 0:
+    storage.write_text(path, json.dumps({'answers': answers.answers}, indent=0))
+  return answers
+
+
+def answer_setup(builder, workdir: str, table: input_pipeline.QuestionTable | None, config):
+  """(answer names, VQA answer vocabulary or None). VQA: the workdir's vocabulary (built from
+  the training `table` when there is none yet); other datasets: the builder's label names."""
+  if not input_pipeline.is_vqa(builder):
+    return builder.info.features['answer'].names, None
+  if table is None and not (epath.Path(workdir) / ANSWERS_FILE).exists():
+    raise FileNotFoundError(f'No {ANSWERS_FILE} in {workdir}: it is written by training. '
+                            'Train with the same --config and --workdir first.')
+  answers = load_or_build_answers(workdir, table, config.num_answers)
+  return list(answers.answers), answers
 
 
 def stop_if_not_finite(step_metrics: list[dict], step: int,
@@ -147,8 +198,9 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.dataset`, evaluates on the test split, writes the workdir.
 
-  Writes config.json, vocabulary.json, checkpoints/, metrics.jsonl, curves.png, metrics.json
-  and report/ (plots, explanation figures, index.html; see `evaluate.evaluate_and_report`).
+  Writes config.json, vocabulary.json (VQA: and answers.json), checkpoints/, metrics.jsonl,
+  curves.png, metrics.json and report/ (plots, explanation figures, index.html; see
+  `evaluate.evaluate_and_report`).
   Returns the contents of metrics.json. With several processes each trains on its slice of every
   batch and all take part in each checkpoint; only process 0 writes the other files and reports.
   SIGTERM (preemption) checkpoints at the next step and returns early, as `stop_at_step` does.
@@ -160,10 +212,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   builder = input_pipeline.get_builder(config)
   table = input_pipeline.question_table(builder, 'train')
   vocab = load_or_build_vocabulary(workdir, table)
-  num_answers = builder.info.features['answer'].num_classes
-  groups = input_pipeline.QuestionGroups(input_pipeline.data_source(builder, 'train'), table,
-                                         vocab, config.questions_per_image,
-                                         config.max_question_length)
+  answer_names, answers = answer_setup(builder, workdir, table, config)
+  num_answers = len(answer_names)
+  if answers is not None:
+    table = input_pipeline.label_answers(table, answers)
+  features = input_pipeline.check_features(config)
+  source = input_pipeline.data_source(builder, 'train', features=features)
+  groups = input_pipeline.QuestionGroups(
+      source, table, vocab, config.questions_per_image, config.max_question_length, answers,
+      input_pipeline.visual_reader(builder, 'train', source, table, config))
   steps_per_epoch = len(groups) // config.batch_size
   num_steps = config.num_train_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
 
@@ -234,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'same command to resume.')
     return results
   test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
-                                      workdir)
+                                      workdir, answers=answers)
   results.update(test=test, wall_time_s=time.time() - start_time)
   if main_process:
     writer.write(num_steps, {f'test_{k}': test[k] for k in ('accuracy', 'loss', 'ece')})
@@ -245,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 # Switches that change what a trained model computes at test time: --mode=eval must use the ones
 # it was trained with.
-_EVALUATION_KEYS = ('dataset', 'dataset_kwargs', 'max_question_length', 'ucam')
+_EVALUATION_KEYS = ('dataset', 'dataset_kwargs', 'features', 'max_question_length', 'ucam')
 
 
 def check_same_evaluation(workdir: str, config) -> None:
@@ -288,9 +345,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   check_same_evaluation(workdir, config)
   builder = input_pipeline.get_builder(config)
   vocab = Vocabulary.load(epath.Path(workdir) / 'vocabulary.json')
+  answer_names, answers = answer_setup(builder, workdir, None, config)
   mesh = sharding.make_mesh()
-  model = models.get_model(config, vocab.size, builder.info.features['answer'].num_classes)
-  example = {'image': jax.ShapeDtypeStruct((1, *builder.info.features['image'].shape), jnp.uint8),
+  model = models.get_model(config, vocab.size, len(answer_names))
+  if input_pipeline.check_features(config) == 'grid':
+    visual = jax.ShapeDtypeStruct((1, *config.grid_shape), jnp.float16)
+  else:
+    visual = jax.ShapeDtypeStruct((1, *builder.info.features['image'].shape), jnp.uint8)
+  example = {'image': visual,
              'question': jax.ShapeDtypeStruct((1, 1, config.max_question_length), jnp.int32),
              'length': jax.ShapeDtypeStruct((1, 1), jnp.int32)}
   abstract = jax.eval_shape(lambda batch: create_train_state(config, model, 1, batch), example)
@@ -300,7 +362,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   with ocp.CheckpointManager(directory, options=options) as manager:
     state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
-                                      workdir)
+                                      workdir, answers=answers)
   path = epath.Path(workdir) / 'metrics.json'
   results = json.loads(path.read_text()) if path.exists() else {}
   results.update(test=test, evaluated_step=step, eval_wall_time_s=time.time() - start_time)

@@ -19,7 +19,9 @@ the official file names (v2 prefixes the JSON files with `v2_`):
 
 Configs: 'v1' and 'v2' (splits train, validation, and test / test_dev when their questions are
 present); 'v1_hat' (split validation: only the VQA v1 val questions that have VQA-HAT maps);
-'v1_grid', 'v2_grid', 'v1_hat_grid': the same with ResNet-152 grid features instead of images.
+'v1_grid', 'v2_grid', 'v1_hat_grid': the same with ResNet-152 grid features instead of images;
+'v1_questions', 'v2_questions', 'v1_hat_questions': the same with neither (the examples keep
+`image_id`; training and evaluation read each grid from its store, see below).
 A missing file is one `MissingFilesError` naming every missing file and where it comes from.
 
 Grid configs read the features from the stores that `python -m ucam_jax.extract_features`
@@ -42,8 +44,13 @@ One example per question (key: question_id):
   grid [h, w, c] float16  (grid configs, instead of image) the image's grid features, each cell
                           L2-normalised over channels (SPEC section 3), as stored
 Every image is stored once per question: about 50 kB at 448 px, or 784 kB for a 14x14x2048
-float16 grid (v1 train: 248k questions, about 190 GB). Training can instead keep the image
-configs' `image_id` and read the grid from its `GridStore` (memory-mapped, once per image).
+float16 grid (v1 train: 248k questions, about 190 GB). The '_questions' configs store neither:
+`ucam_jax.input_pipeline` (config.features = 'grid') looks each question's grid up by `image_id`
+in the store of its split's image folder (`Vqa.open_grid_store`: memory-mapped, each image
+once on disk); they need only the JSON files (and the HAT maps) to build.
+
+`Vqa(image_size=S)` builds any config at another image size S (its name gains `_<S>px`, so
+builds at different sizes never share a directory): e.g. small images for a from-scratch stem.
 """
 
 import dataclasses
@@ -220,7 +227,8 @@ class GridFeatures:
   def features(self) -> dict[str, tfds.features.FeatureConnector]:
     return {'grid': tfds.features.Tensor(shape=self.grid_shape, dtype=grid_store.DTYPE)}
 
-  def _store(self, manual_dir: str, subtype: str) -> grid_store.GridStore:
+  def store(self, manual_dir: str, subtype: str) -> grid_store.GridStore:
+    """The store of `subtype` (opened once), checked to hold grids of `grid_shape`."""
     path = self.store_path(manual_dir, subtype)
     if path not in self._stores:
       store = grid_store.GridStore(path)
@@ -243,7 +251,7 @@ class GridFeatures:
       if os.path.isdir(grid_store.partial_path(path)):
         source += f' (interrupted at {grid_store.partial_path(path)}: run it again to resume)'
       return [Missing(path + os.sep, source)]
-    store = self._store(manual_dir, subtype)
+    store = self.store(manual_dir, subtype)
     absent = [i for i in sorted(set(image_ids)) if i not in store]
     out = [Missing(f'{path}: image {i}', source) for i in absent[:MAX_LISTED_IMAGES]]
     if len(absent) > MAX_LISTED_IMAGES:
@@ -253,7 +261,22 @@ class GridFeatures:
     return out
 
   def encode(self, manual_dir: str, subtype: str, image_id: int) -> dict[str, np.ndarray]:
-    return {'grid': self._store(manual_dir, subtype)[image_id]}
+    return {'grid': self.store(manual_dir, subtype)[image_id]}
+
+
+class NoVisualInput:
+  """No visual input in the examples ('_questions' configs): only their `image_id`."""
+
+  def features(self) -> dict[str, tfds.features.FeatureConnector]:
+    return {}
+
+  def missing(self, manual_dir: str, subtype: str, image_ids: Sequence[int]) -> list[Missing]:
+    del manual_dir, subtype, image_ids  # Readers check the store (`Vqa.open_grid_store`).
+    return []
+
+  def encode(self, manual_dir: str, subtype: str, image_id: int) -> dict:
+    del manual_dir, subtype, image_id
+    return {}
 
 
 # --------------------------------------------------------------------------- VQA-HAT
@@ -328,11 +351,13 @@ class VqaConfig(tfds.core.BuilderConfig):
   """vqa_version: 'v1' or 'v2' (file names); image_size: side S of the stored images and HAT
   maps (grid configs: of the images the features were computed from); hat: keep only the val
   questions with VQA-HAT maps and add them (v1 only); grid_shape: None stores the images,
-  (h, w, c) the grid features of that shape from the feature stores instead."""
+  (h, w, c) the grid features of that shape from the feature stores instead; questions_only:
+  store no visual input at all (readers take the grid from its store by image_id)."""
   vqa_version: str = 'v1'
   image_size: int = 448
   hat: bool = False
   grid_shape: tuple[int, int, int] | None = None
+  questions_only: bool = False  # Neither image nor grid: readers look grids up by image_id.
 
 
 RESNET152_GRID = (14, 14, 2048)  # ResNet-152 at 448 px
@@ -364,24 +389,75 @@ class Vqa(tfds.core.GeneratorBasedBuilder):
                 description='VQA v2 with ResNet-152 grid features.'),
       VqaConfig(name='v1_hat_grid', vqa_version='v1', hat=True, grid_shape=RESNET152_GRID,
                 description='VQA-HAT questions with ResNet-152 grid features.'),
+      VqaConfig(name='v1_questions', vqa_version='v1', questions_only=True,
+                description='VQA v1 questions and answers; grids are read by image_id.'),
+      VqaConfig(name='v2_questions', vqa_version='v2', questions_only=True,
+                description='VQA v2 questions and answers; grids are read by image_id.'),
+      VqaConfig(name='v1_hat_questions', vqa_version='v1', hat=True, questions_only=True,
+                description='VQA-HAT questions and maps; grids are read by image_id.'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
   def __init__(self, *, manual_dir: str | None = None, features_dir: str | None = None,
-               **kwargs):
-    """features_dir: the root of the grid-feature stores (grid configs; default
-    <manual_dir>/grid_features)."""
+               image_size: int | None = None, **kwargs):
+    """features_dir: the root of the grid-feature stores (grid configs, `open_grid_store`;
+    default <manual_dir>/grid_features). image_size: build the config at this image size
+    instead (see the module docstring)."""
     self._manual_dir = manual_dir
     self._features_dir = features_dir
+    if image_size is not None:
+      config = kwargs.get('config') or self.BUILDER_CONFIGS[0]
+      if isinstance(config, str):
+        named = {c.name: c for c in self.BUILDER_CONFIGS}
+        if config not in named:
+          raise ValueError(f'Unknown VQA config {config!r}; known: {sorted(named)}.')
+        config = named[config]
+      if image_size != config.image_size:
+        config = dataclasses.replace(config, name=f'{config.name}_{image_size}px',
+                                     image_size=image_size)
+      kwargs['config'] = config
     kwargs.setdefault('file_format', tfds.core.FileFormat.ARRAY_RECORD)
     super().__init__(**kwargs)
 
   @functools.cached_property
-  def _visual(self) -> CocoImages | GridFeatures:
+  def _visual(self) -> 'CocoImages | GridFeatures | NoVisualInput':
     config = self.builder_config
+    if config.questions_only:
+      return NoVisualInput()
     if config.grid_shape is None:
       return CocoImages(config.image_size)
     return GridFeatures(config.grid_shape, self._features_dir, config.vqa_version)
+
+  def split_files(self, split: str) -> SplitFiles:
+    """The official files of TFDS split `split` ('train', 'validation', ...)."""
+    for s in SPLITS:
+      if s.name == split:
+        return s
+    raise ValueError(f'Unknown VQA split {split!r}; known: {[s.name for s in SPLITS]}.')
+
+  def open_grid_store(self, split: str, grid_shape: Sequence[int],
+                      image_ids: Sequence[int]) -> grid_store.GridStore:
+    """The grid-feature store of `split`'s image folder, checked to hold every image of
+    `image_ids` with grids of `grid_shape`; else one MissingFilesError naming the command that
+    writes it (or a ValueError for another shape)."""
+    if self._manual_dir is None:
+      raise ValueError('Reading grid features needs the manual directory: pass '
+                       'Vqa(manual_dir=...) (config.dataset_kwargs.manual_dir).')
+    manual_dir = os.fspath(self._manual_dir)
+    subtype = self.split_files(split).image_subtype
+    features = GridFeatures(grid_shape, self._features_dir, self.builder_config.vqa_version)
+    missing = features.missing(manual_dir, subtype, [int(i) for i in image_ids])
+    if missing:
+      raise MissingFilesError(f'VQA {self.builder_config.name} {split} with grid features',
+                              manual_dir, missing)
+    return features.store(manual_dir, subtype)
+
+  def image_path(self, split: str, image_id: int) -> str | None:
+    """The COCO image file of `image_id` in `split`'s folder; None without a manual dir."""
+    if self._manual_dir is None:
+      return None
+    return os.path.join(os.fspath(self._manual_dir),
+                        image_file(self.split_files(split).image_subtype, int(image_id)))
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
