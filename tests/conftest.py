@@ -1,8 +1,14 @@
-"""Shared fixtures. Tests run on 8 fake CPU devices, so data parallelism is always exercised."""
+"""Shared fixtures. Tests run on 8 fake CPU devices, so data parallelism is always exercised.
+
+XLA compiles with its cheapest backend optimisation: the tests run tiny models, so compiling is
+most of their time, and it halves the suite's (the programs compute the same; only their speed
+differs). Subprocesses that the tests start inherit both flags.
+"""
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault(
+    'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
 
 import json  # noqa: E402
 import shutil  # noqa: E402

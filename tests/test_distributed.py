@@ -67,7 +67,8 @@ class Job:
   def __init__(self, workdir, config, num_processes=1, devices=8):
     self.workdir, self.procs, self.logs = str(workdir), [], []
     env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+                         '--xla_backend_optimization_level=0')
     args = [sys.executable, '-m', 'ucam_jax.main', '--config=configs/san.py',
             f'--workdir={workdir}', *config_flags(config)]
     port = free_port()

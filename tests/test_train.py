@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import tiny_config
 from ucam_jax import evaluate, train
+from ucam_jax.datasets import easy_vqa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,8 +50,9 @@ def test_train_and_evaluate_end_to_end(builder, data_dir, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
 
 
-def test_stop_and_resume_matches_an_uninterrupted_run(builder, data_dir, tmp_path):
-  config = tiny_config(data_dir, num_train_steps=16, checkpoint_every_steps=4)
+def test_stop_and_resume_matches_an_uninterrupted_run(small_data_dir, tmp_path):
+  config = tiny_config(small_data_dir, num_train_steps=16, checkpoint_every_steps=4,
+                       eval_batch_size=64)
   config.model.dropout_rate = 0.3
   straight = str(tmp_path / 'straight')
   train.train_and_evaluate(config, straight)
@@ -74,13 +76,13 @@ def test_stop_and_resume_matches_an_uninterrupted_run(builder, data_dir, tmp_pat
   assert steps == [5, 7, 10, 15, 16]  # The stopped run's lines, then the resumed run's.
 
 
-def test_resuming_with_another_model_is_a_clear_error(builder, data_dir, tmp_path):
+def test_resuming_with_another_model_is_a_clear_error(small_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=2),
+  train.train_and_evaluate(tiny_config(small_data_dir, num_train_steps=4, stop_at_step=2),
                            workdir)
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = f.read()
-  other = tiny_config(data_dir, num_train_steps=4)
+  other = tiny_config(small_data_dir, num_train_steps=4)
   other.model.hidden_dim = 48
   with pytest.raises(ValueError, match='model hidden_dim was 32, now 48.*new --workdir'):
     train.train_and_evaluate(other, workdir)
@@ -89,14 +91,14 @@ def test_resuming_with_another_model_is_a_clear_error(builder, data_dir, tmp_pat
   assert _final_params(workdir)[0] == 2
 
 
-def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(builder, data_dir,
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(small_data_dir,
                                                                      tmp_path):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny_config(data_dir, stop_at_step=4, checkpoint_every_steps=2),
+  train.train_and_evaluate(tiny_config(small_data_dir, stop_at_step=4, checkpoint_every_steps=2),
                            workdir)
   step, good = _final_params(workdir)
   assert step == 4
-  diverging = tiny_config(data_dir, learning_rate=float('inf'), checkpoint_every_steps=2)
+  diverging = tiny_config(small_data_dir, learning_rate=float('inf'), checkpoint_every_steps=2)
   with pytest.raises(FloatingPointError, match=r'nan at step [56].*step 4, is intact'):
     train.train_and_evaluate(diverging, workdir)
   step, kept = _final_params(workdir)
@@ -125,11 +127,12 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   assert not os.listdir(tmp_path)  # Nothing ran.
 
 
-def test_main_job_end_to_end(builder, data_dir, tmp_path):
-  """The main job, here as the baseline: the override that the README documents."""
+def test_main_job_end_to_end(small_data_dir, tmp_path):
+  """The main job, here as the baseline: the override that the README documents (on a small
+  copy of easy-VQA; test_train_and_evaluate_end_to_end evaluates the whole test split)."""
   workdir = tmp_path / 'main'
   overrides = [f'--config.{k}={v}' for k, v in dict(
-      data_dir=data_dir, num_train_steps=10, batch_size=8, eval_batch_size=1024,
+      data_dir=small_data_dir, num_train_steps=10, batch_size=8, eval_batch_size=64,
       log_every_steps=5, mc_samples=2, faithfulness_questions=8, faithfulness_steps=4,
       report_questions=4).items()]
   result = _main('--config=configs/san.py', f'--workdir={workdir}', *overrides,
@@ -139,6 +142,7 @@ def test_main_job_end_to_end(builder, data_dir, tmp_path):
   assert 'test accuracy' in result.stdout
   with open(workdir / 'metrics.json') as f:
     metrics = json.load(f)
-  assert metrics['num_train_steps'] == 10 and metrics['test']['num_examples'] == 9_673
+  num_test = easy_vqa.EasyVqa(data_dir=small_data_dir).info.splits['test'].num_examples
+  assert metrics['num_train_steps'] == 10 and metrics['test']['num_examples'] == num_test > 100
   assert 'sigma2' not in metrics['test']['uncertainty']  # The baseline's variance head is idle.
   assert (workdir / 'report' / 'index.html').exists()
