@@ -9,6 +9,9 @@ import os
 
 os.environ.setdefault(
     'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
+# The commands that tests start would re-execute themselves for huge pages (ucam_jax.hugepages):
+# they start with the tunable set instead.
+os.environ.setdefault('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
 
 import json  # noqa: E402
 import shutil  # noqa: E402

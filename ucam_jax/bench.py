@@ -51,7 +51,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ucam_jax import explain, gca, models, train, uncertainty
+from ucam_jax import explain, gca, hugepages, models, train, uncertainty
 from ucam_jax.datasets import synthetic
 
 FLAGS = flags.FLAGS
@@ -493,5 +493,6 @@ def define_flags():
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()
   define_flags()
   app.run(main)

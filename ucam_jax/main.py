@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ucam_jax import distributed, train
+from ucam_jax import distributed, hugepages, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/san.py.',
@@ -82,4 +82,5 @@ def main(argv):
     print(f"wrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report')}")
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()
   app.run(main, flags_parser=parse_flags)
