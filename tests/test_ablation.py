@@ -1,0 +1,41 @@
+"""The ablation command (ucam_jax/ablation.py): its runs, resuming, and the table."""
+
+import statistics
+
+from ucam_jax import ablation
+
+
+def test_smoke_runs_each_seed_once_and_resumes_without_training(tmp_path):
+  messages = []
+  run = dict(variants=['baseline'], datasets=['grounded_shapes'], log=messages.append)
+  records = ablation.run_all('smoke', str(tmp_path), str(tmp_path / 'tfds'), **run)
+  assert [(r['variant'], r['seed']) for r in records] == [('baseline', 0), ('baseline', 1)]
+  assert sum('training' in m for m in messages) == 2
+  assert all(r['num_train_steps'] == 3 and 0 <= r['test']['accuracy'] <= 1 for r in records)
+  assert all(r['test']['maps']['ucam']['pointing_game'] >= 0 for r in records)
+
+  messages.clear()
+  again = ablation.run_all('smoke', str(tmp_path), str(tmp_path / 'tfds'), **run)
+  assert not any('training' in m for m in messages)
+  assert [r['test'] for r in again] == [r['test'] for r in records]
+
+
+def _record(variant, seed, accuracy, spearman=None):
+  test = {'accuracy': accuracy, 'ece': 0.1, 'nll': 0.2,
+          'uncertainty': {'predictive_entropy': {'auroc_wrong': 0.9}}}
+  if spearman is not None:
+    test['maps'] = {'model_attention': {'spearman': spearman, 'pointing_game': 0.5}}
+  return dict(dataset='grounded_shapes', variant=variant, seed=seed, wall_time_s=10.0 + seed,
+              num_train_steps=5, test=test)
+
+
+def test_table_gives_mean_and_sample_deviation_over_seeds():
+  records = [_record('baseline', s, a, 0.1 * s) for s, a in enumerate([0.5, 0.7, 0.9])]
+  records += [_record('A-GCA', 0, 0.8, None), _record('A-GCA', 1, 0.6, 0.3)]
+  text = ablation.table(records)
+  mean, sd = statistics.mean([0.5, 0.7, 0.9]), statistics.stdev([0.5, 0.7, 0.9])
+  assert f'| baseline | 3 | {mean:.4f} ± {sd:.4f} |' in text
+  assert '| A-GCA | 2 | 0.7000 ± 0.1414 |' in text
+  assert '0.3000 (1 n/a)' in text  # A-GCA's one seed without a Spearman value is named.
+  assert '5 training steps a run' in text
+  assert text.count('\n| ') == 3  # The header and the two variants.

@@ -1,0 +1,215 @@
+"""The ablation: does U-CAM's training help? Every variant, several seeds, two datasets.
+
+  python -m ucam_jax.ablation                    # the table of docs/results.md (~1.5-2 h, 2 cores)
+  python -m ucam_jax.ablation --preset=smoke     # every cell at toy size, 2 seeds (minutes)
+
+Trains and evaluates each variant of `VARIANTS` (the baseline, the uncertainty loss alone, GCA
+with aleatoric, predictive and both uncertainties, and GCA on the image or the question branch
+only) with each seed on easy-VQA (configs/san.py) and grounded shapes
+(configs/grounded_shapes.py), one run after another in this process, each in
+<out>/<dataset>/<variant>/seed<k>. Seeds are the outer loop, so a stopped ablation has every cell
+of its first seeds. A run whose metrics.json exists is read, not rerun: rerun the command to
+resume. Writes <out>/results.json (every run's figures) and --results (the table: mean and
+standard deviation over the seeds of each cell).
+
+Every variant of a dataset trains for the same number of steps, from the same config but
+`config.ucam` and `config.seed`; nothing is tuned on the test split.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+from configs import grounded_shapes, san
+from ucam_jax import hugepages, train
+
+# Each variant is config.ucam's overrides; the rest of config.ucam is configs/san.py's.
+VARIANTS = {
+    'baseline': dict(mode='none'),
+    'loss_only': dict(mode='loss_only', uncertainty='aleatoric'),
+    'A-GCA': dict(mode='mask', uncertainty='aleatoric', branch='both'),
+    'P-GCA': dict(mode='mask', uncertainty='predictive', branch='both'),
+    'A+P-GCA': dict(mode='mask', uncertainty='both', branch='both'),
+    'A-GCA, image only': dict(mode='mask', uncertainty='aleatoric', branch='image'),
+    'A-GCA, question only': dict(mode='mask', uncertainty='aleatoric', branch='question'),
+}
+
+# Per preset: seeds, and per dataset its config and the overrides that size the runs.
+_EVALUATION = dict(report_questions=4, faithfulness_questions=64, faithfulness_steps=8)
+PRESETS = {
+    'full': dict(seeds=(0, 1, 2), datasets={
+        'easy_vqa': (san.get_config, dict(num_epochs=6.0, **_EVALUATION)),
+        'grounded_shapes': (grounded_shapes.get_config, dict(num_epochs=8.0, **_EVALUATION)),
+    }),
+    'smoke': dict(seeds=(0, 1), datasets={
+        'easy_vqa': (san.get_config, dict(
+            num_train_steps=3, batch_size=8, eval_batch_size=512, mc_samples=2,
+            report_questions=2, faithfulness_questions=4, faithfulness_steps=2)),
+        'grounded_shapes': (grounded_shapes.get_config, dict(
+            num_train_steps=3, batch_size=8, mc_samples=2, report_questions=2,
+            faithfulness_questions=4, faithfulness_steps=2,
+            dataset_kwargs=dict(seed=0, num_train_images=16, num_test_images=8, image_size=64,
+                                min_objects=2, max_objects=4, questions_per_image=8))),
+    }),
+}
+SMOKE_MODEL = dict(stem_features=(8, 16), embed_dim=16, hidden_dim=32, attention_dim=16,
+                   classifier_dim=32)
+
+# The figures of a run's metrics.json that the table shows: (column, path in 'test').
+COLUMNS = (
+    ('accuracy', ('accuracy',)),
+    ('ECE', ('ece',)),
+    ('NLL', ('nll',)),
+    ('AUROC wrong (pred. entropy)', ('uncertainty', 'predictive_entropy', 'auroc_wrong')),
+)
+MAP_COLUMNS = (  # Grounded shapes only: agreement with the exact attention.
+    ('Spearman, model attention', ('maps', 'model_attention', 'spearman')),
+    ('Spearman, GCA attention', ('maps', 'gca_attention', 'spearman')),
+    ('Spearman, U-CAM', ('maps', 'ucam', 'spearman')),
+    ('pointing, model attention', ('maps', 'model_attention', 'pointing_game')),
+    ('pointing, U-CAM', ('maps', 'ucam', 'pointing_game')),
+)
+
+
+def run_config(make_config, overrides: dict, variant: str, seed: int, data_dir, smoke: bool):
+  config = make_config()
+  config.update({k: v for k, v in overrides.items() if k != 'dataset_kwargs'})
+  if 'dataset_kwargs' in overrides:
+    config.dataset_kwargs.update(overrides['dataset_kwargs'])
+  if smoke:
+    config.model.update(SMOKE_MODEL)
+  config.ucam.update(VARIANTS[variant])
+  config.seed = seed
+  config.data_dir = data_dir
+  return config
+
+
+def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
+            log=print) -> list[dict]:
+  """Trains and evaluates every (seed, dataset, variant) not yet in `out`; returns one record
+  per run: its dataset, variant, seed, workdir, wall time and test metrics."""
+  spec = PRESETS[preset]
+  variants = variants or list(VARIANTS)
+  datasets = datasets or list(spec['datasets'])
+  records = []
+  for seed in spec['seeds']:
+    for dataset in datasets:
+      make_config, overrides = spec['datasets'][dataset]
+      for variant in variants:
+        workdir = os.path.join(out, dataset, variant.replace(', ', '_').replace(' ', '_'),
+                               f'seed{seed}')
+        path = os.path.join(workdir, 'metrics.json')
+        if not os.path.exists(path):
+          log(f'{dataset} / {variant} / seed {seed}: training in {workdir}')
+          train.train_and_evaluate(run_config(make_config, overrides, variant, seed, data_dir,
+                                              preset == 'smoke'), workdir)
+        with open(path) as f:
+          results = json.load(f)
+        records.append(dict(dataset=dataset, variant=variant, seed=seed, workdir=workdir,
+                            wall_time_s=results['wall_time_s'],
+                            num_train_steps=results['num_train_steps'], test=results['test']))
+        log(f"{dataset} / {variant} / seed {seed}: test accuracy "
+            f"{results['test']['accuracy']:.4f} ({results['wall_time_s']:.0f} s)")
+  return records
+
+
+def _get(test: dict, path):
+  for key in path:
+    test = test.get(key) if isinstance(test, dict) else None
+  return test
+
+
+def _cell(values) -> str:
+  """'mean ± sd (over n seeds)' of the non-missing values; missing values are named."""
+  present = [v for v in values if v is not None]
+  if not present:
+    return 'n/a'
+  text = f'{statistics.mean(present):.4f}'
+  if len(present) > 1:
+    text += f' ± {statistics.stdev(present):.4f}'
+  if len(present) < len(values):
+    text += f' ({len(values) - len(present)} n/a)'
+  return text
+
+
+def table(records: list[dict]) -> str:
+  """Markdown: per dataset, one row per variant, mean ± standard deviation over its seeds."""
+  lines = []
+  for dataset in dict.fromkeys(r['dataset'] for r in records):
+    mine = [r for r in records if r['dataset'] == dataset]
+    columns = COLUMNS + (MAP_COLUMNS if any(_get(r['test'], ('maps',)) and
+                                            _get(r['test'], MAP_COLUMNS[0][1]) is not None
+                                            for r in mine) else ())
+    steps = sorted({r['num_train_steps'] for r in mine})
+    lines += [f'### {dataset} ({"/".join(map(str, steps))} training steps a run)', '',
+              '| variant | seeds | ' + ' | '.join(c for c, _ in columns) + ' | s a run |',
+              '|---|---:|' + '---:|' * (len(columns) + 1)]
+    for variant in dict.fromkeys(r['variant'] for r in mine):
+      runs = [r for r in mine if r['variant'] == variant]
+      cells = [_cell([_get(r['test'], path) for r in runs]) for _, path in columns]
+      seconds = statistics.median(r['wall_time_s'] for r in runs)
+      lines.append(f'| {variant} | {len(runs)} | ' + ' | '.join(cells) + f' | {seconds:.0f} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def machine() -> str:
+  try:
+    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+    cpu = next(line.split(':', 1)[1].strip() for line in lscpu.splitlines()
+               if line.startswith('Model name'))
+  except (OSError, subprocess.CalledProcessError, StopIteration):
+    cpu = platform.processor() or platform.machine()
+  return f'{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}'
+
+
+def define_flags():
+  """The command's flags; defined only when it runs, so importing this module cannot clash
+  with the flags of ucam_jax.main."""
+  flags.DEFINE_enum('preset', 'full', sorted(PRESETS), 'full: the table of docs/results.md; '
+                    'smoke: the same cells at toy size.')
+  flags.DEFINE_string('out', None, 'Run directories and results.json; default '
+                      'workdir/ablation_<preset>.')
+  flags.DEFINE_string('results', None, 'The markdown table; default <out>/results.md.')
+  flags.DEFINE_string('data_dir', None, 'TFDS data directory (default: TFDS\'s own).')
+  flags.DEFINE_list('variants', None, f'A subset of {list(VARIANTS)}.')
+  flags.DEFINE_list('datasets', None, 'A subset of easy_vqa, grounded_shapes.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  FLAGS = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)
+  unknown = set(FLAGS.variants or ()) - set(VARIANTS)
+  if unknown:
+    raise app.UsageError(f'Unknown variants {sorted(unknown)}; known: {list(VARIANTS)}.')
+  out = FLAGS.out or os.path.join('workdir', f'ablation_{FLAGS.preset}')
+  start = time.time()
+  records = run_all(FLAGS.preset, out, FLAGS.data_dir, FLAGS.variants, FLAGS.datasets,
+                    log=lambda message: print(f'[{time.time() - start:7.0f} s] {message}',
+                                              file=sys.stderr, flush=True))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump(records, f, indent=2)
+  command = 'python -m ucam_jax.ablation ' + ' '.join(argv_ for argv_ in sys.argv[1:])
+  total = sum(r['wall_time_s'] for r in records)
+  text = (f'Command: `{command.strip()}`\n\nMachine: {machine()}\n\n'
+          f'Wall time: {total / 60:.0f} min, the sum of the {len(records)} runs\n\n'
+          + table(records))
+  path = FLAGS.results or os.path.join(out, 'results.md')
+  with open(path, 'w') as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()
+  define_flags()
+  app.run(main)
