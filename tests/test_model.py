@@ -186,3 +186,23 @@ def test_eval_step_mc_dropout(rate):
     assert (out['variation_ratio'] == 0).all()
   else:
     assert (out['mutual_information'] > 1e-6).all()
+
+
+def test_eval_step_runs_mc_samples_in_chunks_that_fit_the_memory_bound(monkeypatch):
+  config = tiny_config(None)
+  state = _state(config)
+  batch = dict(_batch(8), weight=np.ones(8, np.float32))
+  run = jax.jit(lambda batch: evaluate.eval_step(state.params, state.apply_fn, batch,
+                                                 jax.random.PRNGKey(0), 10, config.ucam))
+  whole = run(batch)
+  v = state.apply_fn(state.params, batch['image'], method='encode_image')
+  monkeypatch.setattr(evaluate, 'MC_MEMORY_BYTES', 2 * v.nbytes)  # Chunks of 2 samples.
+  calls = []
+  mc_dropout = evaluate.uncertainty.mc_dropout
+  monkeypatch.setattr(evaluate.uncertainty, 'mc_dropout',
+                      lambda *args: calls.append(args[3]) or mc_dropout(*args))
+  chunked = jax.jit(lambda batch: evaluate.eval_step(state.params, state.apply_fn, batch,
+                                                     jax.random.PRNGKey(0), 10, config.ucam))(batch)
+  assert calls == [2]
+  for key in ('mc_probs', 'mutual_information', 'predictive_entropy'):  # Same keys, same masks.
+    np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-4, atol=1e-6)

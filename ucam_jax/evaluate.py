@@ -65,6 +65,9 @@ def uncertainty_scores(ucam) -> tuple[str, ...]:
   return scores if ucam.mode == 'none' else scores + ('sigma2', 'predictive_variance')
 
 
+MC_MEMORY_BYTES = 1 << 30  # What the dropped-out grids of a batch's MC samples may hold at once.
+
+
 def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   """Per-question outputs of a padded batch: the deterministic answer and its loss, and the MC
   dropout statistics of `mc_samples` stochastic passes of the answer stage (the image and the
@@ -86,7 +89,12 @@ def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
     sample = gca.answer(apply_fn, params, inputs, dropout_key)
     return sample['logits'], sample['sigma2']
 
-  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(answer_fn, mc_key, mc_samples))
+  # Chunks of samples whose dropped-out copies of the grid fit MC_MEMORY_BYTES (all samples at
+  # once unless the grids are large: 50 samples of 256 14x14x2048 grids would hold 20 GB).
+  chunk = uncertainty.chunk_size_within(mc_samples, inputs[0].size * inputs[0].dtype.itemsize,
+                                        MC_MEMORY_BYTES)
+  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(
+      answer_fn, mc_key, mc_samples, None if chunk == mc_samples else chunk))
   logits = out.pop('logits')
   del out['sigma2']  # The MC mean of sigma2 is in stats.
   # VQA marks questions without a top answer -1: their loss is computed for class 0 and never
