@@ -18,6 +18,11 @@ def test_smoke_runs_each_seed_once_and_resumes_without_training(tmp_path):
   again = ablation.run_all('smoke', str(tmp_path), str(tmp_path / 'tfds'), **run)
   assert not any('training' in m for m in messages)
   assert [r['test'] for r in again] == [r['test'] for r in records]
+  # The progress so far: the runs in the directory, and nothing trained for the missing ones.
+  run['variants'] = ['baseline', 'A-GCA']
+  done = ablation.run_all('smoke', str(tmp_path), None, train_missing=False, **run)
+  assert [(r['variant'], r['seed']) for r in done] == [('baseline', 0), ('baseline', 1)]
+  assert not any('training' in m for m in messages)
 
 
 def _record(variant, seed, accuracy, spearman=None):

@@ -93,9 +93,10 @@ def run_config(make_config, overrides: dict, variant: str, seed: int, data_dir, 
 
 
 def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
-            log=print) -> list[dict]:
+            log=print, train_missing: bool = True) -> list[dict]:
   """Trains and evaluates every (seed, dataset, variant) not yet in `out`; returns one record
-  per run: its dataset, variant, seed, workdir, wall time and test metrics."""
+  per run: its dataset, variant, seed, workdir, wall time and test metrics. With
+  train_missing=False, only the runs already in `out` (a table of the progress so far)."""
   spec = PRESETS[preset]
   variants = variants or list(VARIANTS)
   datasets = datasets or list(spec['datasets'])
@@ -108,6 +109,8 @@ def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
                                f'seed{seed}')
         path = os.path.join(workdir, 'metrics.json')
         if not os.path.exists(path):
+          if not train_missing:
+            continue
           log(f'{dataset} / {variant} / seed {seed}: training in {workdir}')
           train.train_and_evaluate(run_config(make_config, overrides, variant, seed, data_dir,
                                               preset == 'smoke'), workdir)
@@ -182,6 +185,7 @@ def define_flags():
   flags.DEFINE_string('data_dir', None, 'TFDS data directory (default: TFDS\'s own).')
   flags.DEFINE_list('variants', None, f'A subset of {list(VARIANTS)}.')
   flags.DEFINE_list('datasets', None, 'A subset of easy_vqa, grounded_shapes.')
+  flags.DEFINE_bool('table_only', False, 'Train nothing: the table of the runs done so far.')
 
 
 def main(argv):
@@ -196,7 +200,8 @@ def main(argv):
   start = time.time()
   records = run_all(FLAGS.preset, out, FLAGS.data_dir, FLAGS.variants, FLAGS.datasets,
                     log=lambda message: print(f'[{time.time() - start:7.0f} s] {message}',
-                                              file=sys.stderr, flush=True))
+                                              file=sys.stderr, flush=True),
+                    train_missing=not FLAGS.table_only)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(records, f, indent=2)
