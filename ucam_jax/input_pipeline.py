@@ -85,13 +85,15 @@ class QuestionTable:
   """Every question of a split, without the images: [n] arrays in record order.
 
   VQA also has human_answers (each question's 10, as stored) and answer_type; its `answer`
-  is all -1 until `label_answers` sets it.
+  is all -1 and `soft_targets` None until `label_answers` sets them.
   """
   question: list[str]
   answer: np.ndarray
   image_id: np.ndarray
   human_answers: list[list[str]] | None = None
   answer_type: list[str] | None = None
+  # Per question, the nonzero entries of its soft targets: (answer ids, count / 10).
+  soft_targets: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def question_table(builder, split: str) -> QuestionTable:
@@ -123,9 +125,15 @@ def top_answer(answers: vqa_answers.AnswerVocabulary, human_answers) -> int:
 
 
 def label_answers(table: QuestionTable, answers: vqa_answers.AnswerVocabulary) -> QuestionTable:
-  """VQA: `table` with `answer` set to each question's `top_answer`."""
-  return dataclasses.replace(table, answer=np.array(
-      [top_answer(answers, h) for h in table.human_answers], np.int32))
+  """VQA: `table` with `answer` set to each question's `top_answer` and `soft_targets` to its
+  nonzero targets, each from one normalisation of its human answers (not one every epoch)."""
+  top, soft = [], []
+  for human_answers in table.human_answers:
+    targets = answers.targets(human_answers) if human_answers else np.zeros(answers.size)
+    top.append(int(targets.argmax()) if targets.any() else -1)
+    ids = np.flatnonzero(targets)
+    soft.append((ids, targets[ids]))
+  return dataclasses.replace(table, answer=np.array(top, np.int32), soft_targets=soft)
 
 
 IMAGE_CACHE_BYTES = 1 << 30  # Decoded training images kept in memory (easy-VQA's: 50 MB).
@@ -232,7 +240,8 @@ class QuestionGroups:
     if self.answers is not None:
       group['targets'] = np.zeros((self.size, self.answers.size), np.float32)
       for i, record in enumerate(records):
-        group['targets'][i] = self.answers.targets(self.table.human_answers[record])
+        ids, values = self.table.soft_targets[record]
+        group['targets'][i, ids] = values
     return group
 
 
