@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
       branch='both',  # Certainty maps on: image (the grid) | question (the words) | both.
       combine='residual',  # multiply (alpha' = normalise(alpha * M)) | residual (v * (1 + M)).
       order='first',  # first: stop the gradient at dU/dfeatures | second: through it.
+      sign='certainty',  # certainty (weights of -dU, the paper's) | uncertainty (of +dU).
+      normalisation='max',  # max (ReLU, / max) | min_max (no ReLU; (M - min) / (max - min)).
       aleatoric_loss='published',  # published | kendall_gal.
       aleatoric_samples=100,  # T_a: Gaussian logit samples per question.
       predictive_samples=4,  # MC-dropout passes per training question for L_PU.

@@ -56,6 +56,28 @@ def test_certainty_map_matches_numpy():
   assert (got[1, 2:] == 0).all()
 
 
+def test_certainty_map_sign_and_min_max_match_numpy():
+  rng = np.random.default_rng(1)
+  A, G = rng.normal(size=(2, 3, 5, 4, 6))
+  raw = np.einsum('nijk,nk->nij', A, G.mean(axis=(1, 2)))  # The uncertainty sign: +G.
+  got = gca.certainty_map(A, G, sign='uncertainty', normalisation='min_max')
+  low, high = raw.min(axis=(1, 2), keepdims=True), raw.max(axis=(1, 2), keepdims=True)
+  np.testing.assert_allclose(got, (raw - low) / (high - low), rtol=1e-5, atol=1e-6)
+  # The two signs' ReLU maps have disjoint support: each keeps the cells the other clips.
+  plus = gca.certainty_map(A, G, sign='uncertainty')
+  minus = gca.certainty_map(A, G)
+  assert ((plus > 0) & (minus > 0)).sum() == 0 and (plus > 0).any() and (minus > 0).any()
+  # Words: min and max over each question's own words; padding is 0; a constant map is 0.
+  words, grads, lengths = A[:, :, 0], G[:, :, 0], np.array([5, 2, 1])
+  got = gca.certainty_map(words, grads, lengths, normalisation='min_max')
+  raw = np.einsum('nlk,nk->nl', words, -grads.mean(1))
+  for i, n in enumerate(lengths):
+    span = raw[i, :n].max() - raw[i, :n].min()
+    want = (raw[i, :n] - raw[i, :n].min()) / span if span > 0 else np.zeros(n)
+    np.testing.assert_allclose(got[i, :n], want, rtol=1e-5, atol=1e-6)
+    assert (got[i, n:] == 0).all()
+
+
 @pytest.mark.parametrize('uncertainty_kind', ['aleatoric', 'predictive', 'both'])
 def test_certainty_maps_match_finite_differences(uncertainty_kind):
   """The maps of mode 'mask' are the U-CAM maps of finite-difference gradients of U.
@@ -143,6 +165,8 @@ SWITCH_GRID = [
     dict(mode='mask', uncertainty='both', branch='both', combine='residual', order='second'),
     dict(mode='mask', uncertainty='aleatoric', branch='question', combine='multiply',
          aleatoric_loss='kendall_gal'),
+    dict(mode='mask', uncertainty='aleatoric', branch='both', sign='uncertainty',
+         normalisation='min_max', order='second'),
 ]
 
 
@@ -241,6 +265,7 @@ def test_evaluation_never_sees_the_answer():
 
 
 @pytest.mark.parametrize('key,value', [('mode', 'gca'), ('combine', 'add'), ('order', 'third'),
+                                       ('sign', 'minus'), ('normalisation', 'softmax'),
                                        ('aleatoric_samples', 0)])
 def test_bad_switch_is_a_clear_error(key, value):
   ucam = _ucam()

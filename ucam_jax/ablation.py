@@ -2,6 +2,7 @@
 
   python -m ucam_jax.ablation                    # the table of docs/results.md (~2 h, 2 cores)
   python -m ucam_jax.ablation --preset=smoke     # every cell at toy size, 2 seeds (minutes)
+  python -m ucam_jax.ablation --preset=switches  # GCA's design switches on a validation draw
 
 Trains and evaluates each variant of `VARIANTS` (the baseline, the uncertainty loss alone, GCA
 with aleatoric, predictive and both uncertainties, and GCA on the image or the question branch
@@ -13,7 +14,9 @@ resume. Writes <out>/results.json (every run's figures) and --results (the table
 standard deviation over the seeds of each cell).
 
 Every variant of a dataset trains for the same number of steps, from the same config but
-`config.ucam` and `config.seed`; nothing is tuned on the test split.
+`config.ucam` and `config.seed`; nothing is tuned on the test split. The 'switches' preset flips
+each design switch of GCA alone (SWITCH_VARIANTS) on grounded shapes drawn with another dataset
+seed: its test split is a validation set that shares no image with the table's.
 """
 
 import json
@@ -40,7 +43,19 @@ VARIANTS = {
     'A-GCA, question only': dict(mode='mask', uncertainty='aleatoric', branch='question'),
 }
 
-# Per preset: seeds, and per dataset its config and the overrides that size the runs.
+# GCA's design switches (SPEC section 5), each flipped alone from A-GCA (configs/san.py's
+# residual, first order, certainty sign, max normalisation).
+SWITCH_VARIANTS = {
+    'baseline': VARIANTS['baseline'],
+    'A-GCA': VARIANTS['A-GCA'],
+    'A-GCA, multiply': dict(VARIANTS['A-GCA'], combine='multiply'),
+    'A-GCA, second order': dict(VARIANTS['A-GCA'], order='second'),
+    'A-GCA, uncertainty sign': dict(VARIANTS['A-GCA'], sign='uncertainty'),
+    'A-GCA, min-max': dict(VARIANTS['A-GCA'], normalisation='min_max'),
+}
+
+# Per preset: seeds, variants (default VARIANTS), and per dataset its config and the overrides
+# that size the runs.
 _EVALUATION = dict(report_questions=4, faithfulness_questions=64, faithfulness_steps=8)
 PRESETS = {
     # easy-VQA: 12 of the default 18 epochs. Its accuracy sits on a plateau (about 87%, the yes/no
@@ -58,6 +73,11 @@ PRESETS = {
         'easy_vqa': (san.get_config, dict(
             num_train_steps=3, batch_size=8, eval_batch_size=512, mc_samples=2,
             report_questions=2, faithfulness_questions=4, faithfulness_steps=2)),
+    }),
+    # Grounded shapes as in 'full', but dataset seed 1: a validation draw for the switches.
+    'switches': dict(seeds=(0, 1), variants=SWITCH_VARIANTS, datasets={
+        'grounded_shapes_seed1': (grounded_shapes.get_config, dict(
+            num_epochs=8.0, dataset_kwargs=dict(seed=1), **_EVALUATION)),
     }),
 }
 SMOKE_MODEL = dict(stem_features=(8, 16), embed_dim=16, hidden_dim=32, attention_dim=16,
@@ -79,14 +99,14 @@ MAP_COLUMNS = (  # Grounded shapes only: agreement with the exact attention.
 )
 
 
-def run_config(make_config, overrides: dict, variant: str, seed: int, data_dir, smoke: bool):
+def run_config(make_config, overrides: dict, ucam: dict, seed: int, data_dir, smoke: bool):
   config = make_config()
   config.update({k: v for k, v in overrides.items() if k != 'dataset_kwargs'})
   if 'dataset_kwargs' in overrides:
     config.dataset_kwargs.update(overrides['dataset_kwargs'])
   if smoke:
     config.model.update(SMOKE_MODEL)
-  config.ucam.update(VARIANTS[variant])
+  config.ucam.update(ucam)
   config.seed = seed
   config.data_dir = data_dir
   return config
@@ -98,7 +118,8 @@ def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
   per run: its dataset, variant, seed, workdir, wall time and test metrics. With
   train_missing=False, only the runs already in `out` (a table of the progress so far)."""
   spec = PRESETS[preset]
-  variants = variants or list(VARIANTS)
+  known = spec.get('variants', VARIANTS)
+  variants = variants or list(known)
   datasets = datasets or list(spec['datasets'])
   records = []
   for seed in spec['seeds']:
@@ -112,8 +133,8 @@ def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
           if not train_missing:
             continue
           log(f'{dataset} / {variant} / seed {seed}: training in {workdir}')
-          train.train_and_evaluate(run_config(make_config, overrides, variant, seed, data_dir,
-                                              preset == 'smoke'), workdir)
+          train.train_and_evaluate(run_config(make_config, overrides, known[variant], seed,
+                                              data_dir, preset == 'smoke'), workdir)
         with open(path) as f:
           results = json.load(f)
         records.append(dict(dataset=dataset, variant=variant, seed=seed, workdir=workdir,
@@ -178,13 +199,14 @@ def define_flags():
   """The command's flags; defined only when it runs, so importing this module cannot clash
   with the flags of ucam_jax.main."""
   flags.DEFINE_enum('preset', 'full', sorted(PRESETS), 'full: the table of docs/results.md; '
-                    'smoke: the same cells at toy size.')
+                    'smoke: the same cells at toy size; switches: GCA\'s design switches.')
   flags.DEFINE_string('out', None, 'Run directories and results.json; default '
                       'workdir/ablation_<preset>.')
   flags.DEFINE_string('results', None, 'The markdown table; default <out>/results.md.')
   flags.DEFINE_string('data_dir', None, 'TFDS data directory (default: TFDS\'s own).')
-  flags.DEFINE_list('variants', None, f'A subset of {list(VARIANTS)}.')
-  flags.DEFINE_list('datasets', None, 'A subset of easy_vqa, grounded_shapes.')
+  flags.DEFINE_list('variants', None, 'A subset of the preset\'s variants (VARIANTS or, '
+                    'for switches, SWITCH_VARIANTS).')
+  flags.DEFINE_list('datasets', None, 'A subset of the preset\'s datasets.')
   flags.DEFINE_bool('table_only', False, 'Train nothing: the table of the runs done so far.')
 
 
@@ -193,9 +215,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  unknown = set(FLAGS.variants or ()) - set(VARIANTS)
+  known = PRESETS[FLAGS.preset].get('variants', VARIANTS)
+  unknown = set(FLAGS.variants or ()) - set(known)
   if unknown:
-    raise app.UsageError(f'Unknown variants {sorted(unknown)}; known: {list(VARIANTS)}.')
+    raise app.UsageError(f'Unknown variants {sorted(unknown)}; known: {list(known)}.')
   out = FLAGS.out or os.path.join('workdir', f'ablation_{FLAGS.preset}')
   start = time.time()
   records = run_all(FLAGS.preset, out, FLAGS.data_dir, FLAGS.variants, FLAGS.datasets,

@@ -15,6 +15,9 @@ One forward pass of a staged VQA model (see `ucam_jax.models`) under `config.uca
                     or v becomes v * (1 + M_v) ('residual'); the words become e * M_q or
                     e * (1 + M_q). The loss is the answer loss + U, both of the second pass.
                     'first' order stops the gradient at dU/dA; 'second' differentiates through it.
+                    Two more switches of the map itself: sign 'uncertainty' weights the channels
+                    by +dU/dA instead of the certainty gradient, and normalisation 'min_max'
+                    rescales the map's [min, max] to [0, 1] instead of ReLU and max.
 
 The same function serves training (dropout on) and evaluation (dropout off): the maps, and so
 the answers, depend on the input only; the targets enter the loss terms alone.
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ucam_jax import explain, uncertainty
+from ucam_jax import uncertainty
 
 SWITCHES = {
     'mode': ('none', 'loss_only', 'mask'),
@@ -32,6 +35,8 @@ SWITCHES = {
     'branch': ('image', 'question', 'both'),
     'combine': ('multiply', 'residual'),
     'order': ('first', 'second'),
+    'sign': ('certainty', 'uncertainty'),
+    'normalisation': ('max', 'min_max'),
     'aleatoric_loss': tuple(uncertainty.ALEATORIC_LOSSES),
 }
 
@@ -46,17 +51,27 @@ def check_config(ucam) -> None:
       raise ValueError(f'config.ucam.{key} must be at least 1, got {ucam[key]}.')
 
 
-def certainty_map(A, G, lengths=None):
+def certainty_map(A, G, lengths=None, sign='certainty', normalisation='max'):
   """A, G [n, spatial..., k] (activations, d uncertainty / dA) -> [n, spatial...] in [0, 1].
 
   The U-CAM map: w_k = mean_spatial(-G_k), ReLU(sum_k w_k A_k), divided by its maximum. With
   `lengths [n]` the spatial axis is a word axis and positions past each question's length are
   zeroed before normalising (padding never reaches the answer, so it must not set the scale).
+  sign 'uncertainty': w_k = mean_spatial(+G_k). normalisation 'min_max': no ReLU; the map less
+  its minimum, divided by its range. A map with nothing left (all clipped, or constant) is 0.
   """
-  maps = explain.cam(A, G, explain.ucam_weights, normalise=False)
-  if lengths is not None:
-    maps = maps * (jnp.arange(maps.shape[1]) < lengths[:, None])
-  peak = maps.max(axis=tuple(range(1, maps.ndim)), keepdims=True)
+  spatial = tuple(range(1, A.ndim - 1))
+  weights = G.mean(axis=spatial) * (-1 if sign == 'certainty' else 1)
+  maps = jnp.einsum('n...k,nk->n...', A, weights)
+  valid = (jnp.ones(maps.shape, bool) if lengths is None
+           else jnp.arange(maps.shape[1]) < lengths[:, None])
+  axes = tuple(range(1, maps.ndim))
+  if normalisation == 'max':
+    maps, low = jax.nn.relu(maps), 0
+  else:
+    low = jnp.where(valid, maps, jnp.inf).min(axis=axes, keepdims=True)
+  maps = jnp.where(valid, maps - low, 0)
+  peak = maps.max(axis=axes, keepdims=True)
   return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1), 0)
 
 
@@ -173,7 +188,8 @@ def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool
   if ucam.order == 'first':
     grads = jax.lax.stop_gradient(grads)
   activations = {'image': (v, None), 'question': (e, lengths)}
-  maps = {b: certainty_map(activations[b][0], g, activations[b][1])
+  maps = {b: certainty_map(activations[b][0], g, activations[b][1], ucam.sign,
+                          ucam.normalisation)
           for b, g in zip(branches, grads)}
   _, (terms, out) = with_uncertainty(v, e, maps)
   terms['uncertainty_before_mask'] = before['uncertainty']
