@@ -44,3 +44,19 @@ def test_table_gives_mean_and_sample_deviation_over_seeds():
   assert '0.3000 (1 n/a)' in text  # A-GCA's one seed without a Spearman value is named.
   assert '5 training steps a run' in text
   assert text.count('\n| ') == 3  # The header and the two variants.
+
+
+def test_switches_flip_one_switch_of_a_gca_on_another_draw_of_grounded_shapes():
+  spec = ablation.PRESETS['switches']
+  reference = ablation.SWITCH_VARIANTS['A-GCA']
+  for name, ucam in spec['variants'].items():
+    if name.startswith('A-GCA, '):
+      assert len(set(ucam.items()) - set(reference.items())) == 1, name
+  (make_config, overrides), = spec['datasets'].values()
+  config = ablation.run_config(make_config, overrides, reference, 0, None, smoke=False)
+  full = ablation.PRESETS['full']['datasets']['grounded_shapes']
+  table_config = ablation.run_config(*full, reference, 0, None, smoke=False)
+  # The same sizes and training as the table's grounded shapes, but other images.
+  assert config.dataset_kwargs.seed != table_config.dataset_kwargs.seed
+  config.dataset_kwargs.seed = table_config.dataset_kwargs.seed
+  assert config.to_dict() == table_config.to_dict()
