@@ -1,5 +1,7 @@
 """The ablation command (ucam_jax/ablation.py): its runs, resuming, and the table."""
 
+import json
+import os
 import statistics
 
 from ucam_jax import ablation
@@ -60,3 +62,20 @@ def test_switches_flip_one_switch_of_a_gca_on_another_draw_of_grounded_shapes():
   assert config.dataset_kwargs.seed != table_config.dataset_kwargs.seed
   config.dataset_kwargs.seed = table_config.dataset_kwargs.seed
   assert config.to_dict() == table_config.to_dict()
+
+
+def test_seeds_and_num_epochs_replace_the_presets(tmp_path, monkeypatch):
+  configs = []
+
+  def fake_train(config, workdir):  # Records the config; leaves what a finished run leaves.
+    configs.append(config)
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump({'wall_time_s': 1.0, 'num_train_steps': 7, 'test': {'accuracy': 0.5}}, f)
+
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', fake_train)
+  records = ablation.run_all('switches', str(tmp_path), variants=['A-GCA', 'baseline'],
+                             seeds=[2], num_epochs=32.0, log=lambda _: None)
+  assert [(r['variant'], r['seed']) for r in records] == [('A-GCA', 2), ('baseline', 2)]
+  assert [(c.seed, c.num_epochs, c.ucam.mode) for c in configs] == [(2, 32.0, 'mask'),
+                                                                     (2, 32.0, 'none')]

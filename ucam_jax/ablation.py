@@ -113,18 +113,22 @@ def run_config(make_config, overrides: dict, ucam: dict, seed: int, data_dir, sm
 
 
 def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
-            log=print, train_missing: bool = True) -> list[dict]:
+            log=print, train_missing: bool = True, seeds=None, num_epochs=None) -> list[dict]:
   """Trains and evaluates every (seed, dataset, variant) not yet in `out`; returns one record
   per run: its dataset, variant, seed, workdir, wall time and test metrics. With
-  train_missing=False, only the runs already in `out` (a table of the progress so far)."""
+  train_missing=False, only the runs already in `out` (a table of the progress so far).
+  `variants`, `datasets`, `seeds` pick a subset of the preset's; `num_epochs` replaces the
+  epochs of every dataset (give such runs their own `out`)."""
   spec = PRESETS[preset]
   known = spec.get('variants', VARIANTS)
   variants = variants or list(known)
   datasets = datasets or list(spec['datasets'])
   records = []
-  for seed in spec['seeds']:
+  for seed in seeds or spec['seeds']:
     for dataset in datasets:
       make_config, overrides = spec['datasets'][dataset]
+      if num_epochs:
+        overrides = dict(overrides, num_epochs=num_epochs)
       for variant in variants:
         workdir = os.path.join(out, dataset, variant.replace(', ', '_').replace(' ', '_'),
                                f'seed{seed}')
@@ -207,6 +211,9 @@ def define_flags():
   flags.DEFINE_list('variants', None, 'A subset of the preset\'s variants (VARIANTS or, '
                     'for switches, SWITCH_VARIANTS).')
   flags.DEFINE_list('datasets', None, 'A subset of the preset\'s datasets.')
+  flags.DEFINE_list('seeds', None, 'Training seeds instead of the preset\'s (0, 1, 2 or 0, 1).')
+  flags.DEFINE_float('num_epochs', None, 'Epochs of every dataset instead of the preset\'s; '
+                     'give such runs their own --out.')
   flags.DEFINE_bool('table_only', False, 'Train nothing: the table of the runs done so far.')
 
 
@@ -224,7 +231,8 @@ def main(argv):
   records = run_all(FLAGS.preset, out, FLAGS.data_dir, FLAGS.variants, FLAGS.datasets,
                     log=lambda message: print(f'[{time.time() - start:7.0f} s] {message}',
                                               file=sys.stderr, flush=True),
-                    train_missing=not FLAGS.table_only)
+                    train_missing=not FLAGS.table_only,
+                    seeds=[int(s) for s in FLAGS.seeds or ()], num_epochs=FLAGS.num_epochs)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(records, f, indent=2)
