@@ -95,6 +95,27 @@ def test_kendall_gal_loss_is_stable_for_large_logits():
   np.testing.assert_allclose(got['total'], 1000.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize('loss_name', sorted(uncertainty.ALEATORIC_LOSSES))
+def test_aleatoric_losses_have_finite_gradients_when_the_variance_underflows(loss_name):
+  """A softplus variance head gives sigma2 = 0 exactly for inputs below about -104; sqrt's
+  infinite derivative there used to make the gradient nan (a diverged A-GCA run)."""
+  logits, _, targets, noise, _ = random_inputs(seed=3, dtype=np.float32)
+  head = np.linspace(-200.0, 2.0, len(logits)).astype(np.float32)  # Some underflow, some not.
+  assert (jax.nn.softplus(head) == 0).any() and (jax.nn.softplus(head) > 0).any()
+
+  def loss(logits, head):
+    terms = uncertainty.ALEATORIC_LOSSES[loss_name](logits, jax.nn.softplus(head), targets,
+                                                    noise)
+    return terms['total']
+
+  # The failure: sqrt of the underflowed softplus has a nan gradient.
+  assert np.isnan(jax.grad(lambda h: jnp.sqrt(jax.nn.softplus(h)))(np.float32(-200.0)))
+  grad_logits, grad_head = jax.grad(loss, argnums=(0, 1))(logits, head)
+  assert np.isfinite(grad_logits).all() and np.isfinite(grad_head).all()
+  underflow = np.asarray(jax.nn.softplus(head) < np.finfo(np.float32).tiny)
+  assert (grad_head[underflow] == 0).all() and (grad_head[~underflow] != 0).all()
+
+
 def test_aleatoric_loss_gradient_matches_finite_differences():
   with jax.enable_x64(True):
     logits, sigma2, targets, noise, weights = random_inputs(seed=2, dtype=np.float64)

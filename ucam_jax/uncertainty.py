@@ -56,6 +56,14 @@ def _cross_entropy(logits, targets):
   return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+def _std(sigma2):
+  """sqrt(sigma2), whose gradient is 0, not nan, where sigma2 is 0 (or below the smallest normal
+  float): sqrt's derivative is infinite at 0, and a variance head's softplus underflows to exactly
+  0 once its input is below about -104, as it did for a confident answer late in an A-GCA run
+  on easy-VQA (nan loss at step 2353). Equal to sqrt(sigma2) wherever sigma2 is a normal float."""
+  return jnp.sqrt(jnp.maximum(sigma2, jnp.finfo(sigma2.dtype).tiny))
+
+
 def _noisy_logits(logits, sigma2, noise):
   """[n, T, c]: z_n + sqrt(sigma2_n) noise[t, n], the samples on the middle axis.
 
@@ -63,7 +71,7 @@ def _noisy_logits(logits, sigma2, noise):
   axis of a large array about 10x slower than over an inner one (100 ms against 8 ms for
   [100, 32, 3000] on 2 cores). The transpose of the noise costs one copy.
   """
-  return logits[:, None] + jnp.sqrt(sigma2)[:, None, None] * jnp.swapaxes(noise, 0, 1)
+  return logits[:, None] + _std(sigma2)[:, None, None] * jnp.swapaxes(noise, 0, 1)
 
 
 def _noisy_cross_entropy(logits, sigma2, targets, noise):
@@ -74,7 +82,7 @@ def _noisy_cross_entropy(logits, sigma2, targets, noise):
   """
   lse = jax.nn.logsumexp(_noisy_logits(logits, sigma2, noise), axis=-1)  # [n, T]
   picked = (jnp.sum(targets * logits, axis=-1)[:, None]
-            + jnp.sqrt(sigma2)[:, None] * jnp.einsum('tnc,nc->nt', noise, targets))
+            + _std(sigma2)[:, None] * jnp.einsum('tnc,nc->nt', noise, targets))
   return (jnp.sum(targets, axis=-1)[:, None] * lse - picked).T
 
 
