@@ -64,18 +64,26 @@ def test_switches_flip_one_switch_of_a_gca_on_another_draw_of_grounded_shapes():
   assert config.to_dict() == table_config.to_dict()
 
 
-def test_seeds_and_num_epochs_replace_the_presets(tmp_path, monkeypatch):
+def test_seeds_and_num_epochs_replace_the_presets_and_a_diverged_run_is_recorded(
+    tmp_path, monkeypatch):
   configs = []
 
   def fake_train(config, workdir):  # Records the config; leaves what a finished run leaves.
     configs.append(config)
+    if config.ucam.sign == 'uncertainty':
+      raise FloatingPointError('The training loss is nan at step 3.')
     os.makedirs(workdir)
     with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
       json.dump({'wall_time_s': 1.0, 'num_train_steps': 7, 'test': {'accuracy': 0.5}}, f)
 
   monkeypatch.setattr(ablation.train, 'train_and_evaluate', fake_train)
-  records = ablation.run_all('switches', str(tmp_path), variants=['A-GCA', 'baseline'],
-                             seeds=[2], num_epochs=32.0, log=lambda _: None)
-  assert [(r['variant'], r['seed']) for r in records] == [('A-GCA', 2), ('baseline', 2)]
-  assert [(c.seed, c.num_epochs, c.ucam.mode) for c in configs] == [(2, 32.0, 'mask'),
-                                                                     (2, 32.0, 'none')]
+  variants = ['A-GCA, uncertainty sign', 'A-GCA', 'baseline']
+  records = ablation.run_all('switches', str(tmp_path), variants=variants, seeds=[2],
+                             num_epochs=32.0, log=lambda _: None)
+  assert [(r['variant'], r['seed']) for r in records] == [(v, 2) for v in variants]
+  assert [(c.seed, c.num_epochs, c.ucam.mode) for c in configs] == [
+      (2, 32.0, 'mask'), (2, 32.0, 'mask'), (2, 32.0, 'none')]
+  assert 'nan at step 3' in records[0]['diverged'] and 'test' not in records[0]
+  text = ablation.table(records)
+  assert '| A-GCA, uncertainty sign | 0 (1 diverged) | n/a |' in text
+  assert '| A-GCA | 1 | 0.5000 |' in text

@@ -117,6 +117,8 @@ def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
   """Trains and evaluates every (seed, dataset, variant) not yet in `out`; returns one record
   per run: its dataset, variant, seed, workdir, wall time and test metrics. With
   train_missing=False, only the runs already in `out` (a table of the progress so far).
+  A run whose loss turns nan is recorded with 'diverged' (the error) instead of its metrics;
+  rerunning the command retries it from its last checkpoint.
   `variants`, `datasets`, `seeds` pick a subset of the preset's; `num_epochs` replaces the
   epochs of every dataset (give such runs their own `out`)."""
   spec = PRESETS[preset]
@@ -137,8 +139,14 @@ def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
           if not train_missing:
             continue
           log(f'{dataset} / {variant} / seed {seed}: training in {workdir}')
-          train.train_and_evaluate(run_config(make_config, overrides, known[variant], seed,
-                                              data_dir, preset == 'smoke'), workdir)
+          try:
+            train.train_and_evaluate(run_config(make_config, overrides, known[variant], seed,
+                                                data_dir, preset == 'smoke'), workdir)
+          except FloatingPointError as e:  # A diverged run is a result too; the rest go on.
+            log(f'{dataset} / {variant} / seed {seed}: diverged: {e}')
+            records.append(dict(dataset=dataset, variant=variant, seed=seed, workdir=workdir,
+                                diverged=str(e)))
+            continue
         with open(path) as f:
           results = json.load(f)
         records.append(dict(dataset=dataset, variant=variant, seed=seed, workdir=workdir,
@@ -172,7 +180,8 @@ def table(records: list[dict]) -> str:
   """Markdown: per dataset, one row per variant, mean ± standard deviation over its seeds."""
   lines = []
   for dataset in dict.fromkeys(r['dataset'] for r in records):
-    mine = [r for r in records if r['dataset'] == dataset]
+    everything = [r for r in records if r['dataset'] == dataset]
+    mine = [r for r in everything if 'diverged' not in r]
     columns = COLUMNS + (MAP_COLUMNS if any(_get(r['test'], ('maps',)) and
                                             _get(r['test'], MAP_COLUMNS[0][1]) is not None
                                             for r in mine) else ())
@@ -180,11 +189,13 @@ def table(records: list[dict]) -> str:
     lines += [f'### {dataset} ({"/".join(map(str, steps))} training steps a run)', '',
               '| variant | seeds | ' + ' | '.join(c for c, _ in columns) + ' | s a run |',
               '|---|---:|' + '---:|' * (len(columns) + 1)]
-    for variant in dict.fromkeys(r['variant'] for r in mine):
+    for variant in dict.fromkeys(r['variant'] for r in everything):
       runs = [r for r in mine if r['variant'] == variant]
+      diverged = sum(r['variant'] == variant for r in everything) - len(runs)
       cells = [_cell([_get(r['test'], path) for r in runs]) for _, path in columns]
-      seconds = statistics.median(r['wall_time_s'] for r in runs)
-      lines.append(f'| {variant} | {len(runs)} | ' + ' | '.join(cells) + f' | {seconds:.0f} |')
+      seconds = f"{statistics.median(r['wall_time_s'] for r in runs):.0f}" if runs else 'n/a'
+      seeds = f'{len(runs)}' + (f' ({diverged} diverged)' if diverged else '')
+      lines.append(f'| {variant} | {seeds} | ' + ' | '.join(cells) + f' | {seconds} |')
     lines.append('')
   return '\n'.join(lines)
 
@@ -237,9 +248,10 @@ def main(argv):
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(records, f, indent=2)
   command = 'python -m ucam_jax.ablation ' + ' '.join(argv_ for argv_ in sys.argv[1:])
-  total = sum(r['wall_time_s'] for r in records)
+  finished = [r for r in records if 'diverged' not in r]
+  total = sum(r['wall_time_s'] for r in finished)
   text = (f'Command: `{command.strip()}`\n\nMachine: {machine()}\n\n'
-          f'Wall time: {total / 60:.0f} min, the sum of the {len(records)} runs\n\n'
+          f'Wall time: {total / 60:.0f} min, the sum of the {len(finished)} finished runs\n\n'
           + table(records))
   path = FLAGS.results or os.path.join(out, 'results.md')
   with open(path, 'w') as f:
