@@ -116,6 +116,15 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     train.train_and_evaluate(tiny_config(None), str(blocker / 'run'))
 
 
+@pytest.mark.parametrize('key', ['report_questions', 'faithfulness_steps', 'mc_samples'])
+def test_an_evaluation_setting_below_one_is_an_error_before_training(tmp_path, key):
+  config = tiny_config(None)
+  config[key] = 0
+  with pytest.raises(ValueError, match=f'config.{key} must be at least 1, got 0'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # Nothing was written, nothing trained.
+
+
 def _main(*args):
   return subprocess.run([sys.executable, '-m', 'ucam_jax.main', *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)

@@ -65,6 +65,14 @@ def uncertainty_scores(ucam) -> tuple[str, ...]:
   return scores if ucam.mode == 'none' else scores + ('sigma2', 'predictive_variance')
 
 
+def check_config(config) -> None:
+  """Raises ValueError naming an evaluation setting below 1: it would fail only at the end of a
+  training run (report_questions=0 stacked an empty sample)."""
+  for key in ('mc_samples', 'report_questions', 'faithfulness_questions', 'faithfulness_steps'):
+    if config[key] < 1:
+      raise ValueError(f'config.{key} must be at least 1, got {config[key]}.')
+
+
 MC_MEMORY_BYTES = 1 << 30  # What the dropped-out grids of a batch's MC samples may hold at once.
 
 

@@ -207,6 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   start_time = time.time()
   gca.check_config(config.ucam)
+  evaluate.check_config(config)
   main_process = jax.process_index() == 0
   prepare_workdir(workdir)
   builder = input_pipeline.get_builder(config)
@@ -329,6 +330,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """
   start_time = time.time()
   gca.check_config(config.ucam)
+  evaluate.check_config(config)
   directory = storage.absolute(workdir) / 'checkpoints'
   # Only restore is called and create=False: nothing is written. (read_only=True would say so
   # too, with a warning per option it overrides.)
