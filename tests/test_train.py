@@ -116,11 +116,14 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     train.train_and_evaluate(tiny_config(None), str(blocker / 'run'))
 
 
-@pytest.mark.parametrize('key', ['report_questions', 'faithfulness_steps', 'mc_samples'])
-def test_an_evaluation_setting_below_one_is_an_error_before_training(tmp_path, key):
+@pytest.mark.parametrize('key,value,low', [('report_questions', 0, 1), ('mc_samples', 0, 1),
+                                           ('faithfulness_steps', 0, 1),
+                                           ('faithfulness_questions', -1, 0)])
+def test_an_evaluation_setting_below_its_minimum_is_an_error_before_training(tmp_path, key,
+                                                                              value, low):
   config = tiny_config(None)
-  config[key] = 0
-  with pytest.raises(ValueError, match=f'config.{key} must be at least 1, got 0'):
+  config[key] = value
+  with pytest.raises(ValueError, match=f'config.{key} must be at least {low}, got {value}'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()  # Nothing was written, nothing trained.
 

@@ -66,11 +66,14 @@ def uncertainty_scores(ucam) -> tuple[str, ...]:
 
 
 def check_config(config) -> None:
-  """Raises ValueError naming an evaluation setting below 1: it would fail only at the end of a
-  training run (report_questions=0 stacked an empty sample)."""
-  for key in ('mc_samples', 'report_questions', 'faithfulness_questions', 'faithfulness_steps'):
-    if config[key] < 1:
-      raise ValueError(f'config.{key} must be at least 1, got {config[key]}.')
+  """Raises ValueError naming an evaluation setting below its minimum: it would fail only at the
+  end of a training run (report_questions=0 stacked an empty sample). faithfulness_questions=0
+  skips the deletion / insertion AUC."""
+  minimum = {'mc_samples': 1, 'report_questions': 1, 'faithfulness_questions': 0,
+             'faithfulness_steps': 1 if config.faithfulness_questions else 0}
+  for key, low in minimum.items():
+    if config[key] < low:
+      raise ValueError(f'config.{key} must be at least {low}, got {config[key]}.')
 
 
 MC_MEMORY_BYTES = 1 << 30  # What the dropped-out grids of a batch's MC samples may hold at once.
