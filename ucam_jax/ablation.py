@@ -99,6 +99,11 @@ MAP_COLUMNS = (  # Grounded shapes only: agreement with the exact attention.
 )
 
 
+def preset_variants(preset: str) -> dict:
+  """{name: config.ucam overrides} of a preset: its own, or VARIANTS."""
+  return PRESETS[preset].get('variants', VARIANTS)
+
+
 def run_config(make_config, overrides: dict, ucam: dict, seed: int, data_dir, smoke: bool):
   config = make_config()
   config.update({k: v for k, v in overrides.items() if k != 'dataset_kwargs'})
@@ -122,7 +127,7 @@ def run_all(preset: str, out: str, data_dir=None, variants=None, datasets=None,
   `variants`, `datasets`, `seeds` pick a subset of the preset's; `num_epochs` replaces the
   epochs of every dataset (give such runs their own `out`)."""
   spec = PRESETS[preset]
-  known = spec.get('variants', VARIANTS)
+  known = preset_variants(preset)
   variants = variants or list(known)
   datasets = datasets or list(spec['datasets'])
   records = []
@@ -233,7 +238,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  known = PRESETS[FLAGS.preset].get('variants', VARIANTS)
+  known = preset_variants(FLAGS.preset)
   unknown = set(FLAGS.variants or ()) - set(known)
   if unknown:
     raise app.UsageError(f'Unknown variants {sorted(unknown)}; known: {list(known)}.')

@@ -118,10 +118,12 @@ def question_table(builder, split: str) -> QuestionTable:
 def top_answer(answers: vqa_answers.AnswerVocabulary, human_answers) -> int:
   """The most common of a question's human answers that is in the vocabulary (ties: the more
   frequent one in training), or -1 when none is."""
-  if not human_answers:
-    return -1
-  counts = answers.targets(human_answers)
-  return int(counts.argmax()) if counts.any() else -1
+  return _top(answers.targets(human_answers)) if human_answers else -1
+
+
+def _top(targets: np.ndarray) -> int:
+  """The index of the largest of a question's targets, or -1 when all are 0."""
+  return int(targets.argmax()) if targets.any() else -1
 
 
 def label_answers(table: QuestionTable, answers: vqa_answers.AnswerVocabulary) -> QuestionTable:
@@ -130,7 +132,7 @@ def label_answers(table: QuestionTable, answers: vqa_answers.AnswerVocabulary) -
   top, soft = [], []
   for human_answers in table.human_answers:
     targets = answers.targets(human_answers) if human_answers else np.zeros(answers.size)
-    top.append(int(targets.argmax()) if targets.any() else -1)
+    top.append(_top(targets))
     ids = np.flatnonzero(targets)
     soft.append((ids, targets[ids]))
   return dataclasses.replace(table, answer=np.array(top, np.int32), soft_targets=soft)
