@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name='san', stem_features=(16, 32, 64), grid_convs=1, embed_dim=32, hidden_dim=64,
       attention_dim=32, num_hops=2, classifier_dim=128, dropout_rate=0.1,
+      variance_input='logits',  # The variance head reads: logits (published) | hidden (CADA).
+      variance_hidden_dim=0,  # > 0: a hidden ReLU layer in the variance head (0: linear).
       dtype='float32'))  # 'bfloat16': mixed precision (TPU, recent GPUs); parameters float32.
 
   # U-CAM (SPEC sections 4-5; ucam_jax/gca.py). The baseline: --config.ucam.mode=none.
@@ -32,10 +34,22 @@ def get_config() -> ml_collections.ConfigDict:
       combine='residual',  # multiply (alpha' = normalise(alpha * M)) | residual (v * (1 + M)).
       order='first',  # first: stop the gradient at dU/dfeatures | second: through it.
       sign='certainty',  # certainty (weights of -dU, the paper's) | uncertainty (of +dU).
-      normalisation='max',  # max (ReLU, / max) | min_max (no ReLU; (M - min) / (max - min)).
-      aleatoric_loss='published',  # published | kendall_gal.
+      # max (ReLU, / max) | min_max (no ReLU; (M - min) / (max - min)) | softmax (CADA).
+      normalisation='max',
+      map_source='uncertainty',  # The maps differentiate: uncertainty (U) | variance (CADA).
+      map_weighting='gradcam',  # gradcam (channel means) | elementwise (CADA: A * gradient).
+      variance_factor=False,  # True: the maps times (1 - variance), clipped to [0, 1] (CADA).
+      map_gradient='through',  # through: the loss differentiates the maps | stop.
+      aleatoric_loss='published',  # published | kendall_gal | cada.
       aleatoric_samples=100,  # T_a: Gaussian logit samples per question.
       predictive_samples=4,  # MC-dropout passes per training question for L_PU.
+      predictive_variance='raw',  # L_PU's variance: raw (published) | normalised (v / (1 + v)).
+      uncertainty_weight=1.0,  # loss = answer loss + uncertainty_weight * U.
+      warmup=0.0,  # The first fraction of the steps trains the baseline; then U and the maps.
+      variance_detach=False,  # True: no gradient from sigma2 into the trunk.
+      # The variance head's optimiser: main (the rest's Adam) | sgd (published: SGD of its own).
+      variance_optimizer='main',
+      variance_learning_rate=2e-4,  # Of the sgd variance optimiser.
   ))
 
   # Optimisation.
@@ -50,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping.
   config.log_every_steps = 50
+  # Every this many steps (0: never), sigma2's and the predictive entropy's AUROC for wrong
+  # answers on a fixed batch of eval_batch_size test questions, in metrics.jsonl (monitoring
+  # only: nothing is chosen on it).
+  config.monitor_every_steps = 500
   config.checkpoint_every_steps = 500
   config.checkpoints_to_keep = 2
   config.report_questions = 16  # Test questions with explanation figures (workdir/report/).

@@ -265,7 +265,7 @@ def test_evaluation_never_sees_the_answer():
 
 
 @pytest.mark.parametrize('key,value', [('mode', 'gca'), ('combine', 'add'), ('order', 'third'),
-                                       ('sign', 'minus'), ('normalisation', 'softmax'),
+                                       ('sign', 'minus'), ('normalisation', 'softplus'),
                                        ('aleatoric_samples', 0)])
 def test_bad_switch_is_a_clear_error(key, value):
   ucam = _ucam()

@@ -54,6 +54,49 @@ SWITCH_VARIANTS = {
     'A-GCA, min-max': dict(VARIANTS['A-GCA'], normalisation='min_max'),
 }
 
+# The uncertainty-signal search (docs/results.md, "Uncertainty that carries signal"): the
+# variance head, its loss and optimiser, then GCA's map, on the validation draw. A variant's
+# 'model' entry overrides config.model.
+_DETACHED = dict(mode='loss_only', uncertainty='aleatoric', variance_detach=True)
+SIGNAL_VARIANTS = {
+    'baseline': VARIANTS['baseline'],
+    'loss_only': VARIANTS['loss_only'],
+    'loss_only+published+detached+sgd': dict(_DETACHED, variance_optimizer='sgd'),
+    'loss_only+kendall_gal+detached': dict(_DETACHED, aleatoric_loss='kendall_gal'),
+    'loss_only+kendall_gal+detached+hidden': dict(
+        _DETACHED, aleatoric_loss='kendall_gal', model=dict(variance_input='hidden')),
+    'loss_only+cada+detached+hidden': dict(
+        _DETACHED, aleatoric_loss='cada', model=dict(variance_input='hidden')),
+    'loss_only+kendall_gal+detached+mlp': dict(
+        _DETACHED, aleatoric_loss='kendall_gal', model=dict(variance_hidden_dim=64)),
+    'loss_only+kendall_gal+detached+hidden+mlp': dict(
+        _DETACHED, aleatoric_loss='kendall_gal',
+        model=dict(variance_input='hidden', variance_hidden_dim=64)),
+    'loss_only+kendall_gal+hidden': dict(
+        VARIANTS['loss_only'], aleatoric_loss='kendall_gal', model=dict(variance_input='hidden')),
+    'loss_only+kendall_gal': dict(VARIANTS['loss_only'], aleatoric_loss='kendall_gal'),
+    'loss_only+temperature+detached+mlp': dict(
+        _DETACHED, aleatoric_loss='temperature', model=dict(variance_hidden_dim=64)),
+    'loss_only+temperature+detached': dict(_DETACHED, aleatoric_loss='temperature'),
+    'loss_only+temperature+detached+hidden': dict(
+        _DETACHED, aleatoric_loss='temperature', model=dict(variance_input='hidden')),
+    'loss_only+temperature+mlp': dict(
+        VARIANTS['loss_only'], aleatoric_loss='temperature', model=dict(variance_hidden_dim=64)),
+    'loss_only+temperature+detached+hidden+mlp': dict(
+        _DETACHED, aleatoric_loss='temperature',
+        model=dict(variance_input='hidden', variance_hidden_dim=64)),
+    'A-GCA+temperature+detached+mlp+stop': dict(
+        _DETACHED, mode='mask', branch='both', aleatoric_loss='temperature', map_gradient='stop',
+        model=dict(variance_hidden_dim=64)),
+    'A-GCA+temperature+detached+mlp+cada_map': dict(
+        _DETACHED, mode='mask', branch='both', aleatoric_loss='temperature', map_gradient='stop',
+        map_source='variance', map_weighting='elementwise', normalisation='softmax',
+        variance_factor=True, model=dict(variance_hidden_dim=64)),
+    'A-GCA+temperature+detached+mlp+variance_map': dict(
+        _DETACHED, mode='mask', branch='both', aleatoric_loss='temperature', map_gradient='stop',
+        map_source='variance', model=dict(variance_hidden_dim=64)),
+}
+
 # Per preset: seeds, variants (default VARIANTS), and per dataset its config and the overrides
 # that size the runs.
 _EVALUATION = dict(report_questions=4, faithfulness_questions=64, faithfulness_steps=8)
@@ -79,6 +122,11 @@ PRESETS = {
         'grounded_shapes_seed1': (grounded_shapes.get_config, dict(
             num_epochs=8.0, dataset_kwargs=dict(seed=1), **_EVALUATION)),
     }),
+    # The same validation draw at 32 epochs, where the variance head's collapse was measured.
+    'signal': dict(seeds=(0,), variants=SIGNAL_VARIANTS, datasets={
+        'grounded_shapes_seed1': (grounded_shapes.get_config, dict(
+            num_epochs=32.0, dataset_kwargs=dict(seed=1), **_EVALUATION)),
+    }),
 }
 SMOKE_MODEL = dict(stem_features=(8, 16), embed_dim=16, hidden_dim=32, attention_dim=16,
                    classifier_dim=32)
@@ -89,6 +137,8 @@ COLUMNS = (
     ('ECE', ('ece',)),
     ('NLL', ('nll',)),
     ('AUROC wrong (pred. entropy)', ('uncertainty', 'predictive_entropy', 'auroc_wrong')),
+    ('AUROC wrong (sigma2)', ('uncertainty', 'sigma2', 'auroc_wrong')),
+    ('Spearman, certainty map vs Grad-CAM', ('certainty_vs_gradcam_spearman',)),
 )
 MAP_COLUMNS = (  # Grounded shapes only: agreement with the exact attention.
     ('Spearman, model attention', ('maps', 'model_attention', 'spearman')),
@@ -111,6 +161,8 @@ def run_config(make_config, overrides: dict, ucam: dict, seed: int, data_dir, sm
     config.dataset_kwargs.update(overrides['dataset_kwargs'])
   if smoke:
     config.model.update(SMOKE_MODEL)
+  ucam = dict(ucam)
+  config.model.update(ucam.pop('model', {}))
   config.ucam.update(ucam)
   config.seed = seed
   config.data_dir = data_dir

@@ -255,6 +255,10 @@ def summarise(out, config, answer_names=None, family_names=None, human_answers=N
               'auroc_wrong': metrics.auroc(out[score], wrong),
               'aupr_wrong': metrics.aupr(out[score], wrong)}
       for score in uncertainty_scores(config.ucam)}
+  if 'certainty_image' in out:  # GCA: is the certainty map more than Grad-CAM of the answer?
+    rho = metrics.spearman_per_example(out['certainty_image'], out['gradcam'])
+    results['certainty_vs_gradcam_spearman'] = (
+        metrics.mean_ignoring_nan(rho) if np.isfinite(rho).any() else None)
   accuracy, area = metrics.retention_curve(out[RETENTION_SCORE], ~wrong, RETENTION_FRACTIONS)
   results['retention'] = {'score': RETENTION_SCORE, 'fractions': RETENTION_FRACTIONS.tolist(),
                           'accuracy': accuracy.tolist(), 'area': area}
@@ -401,6 +405,46 @@ def display_images(builder, split: str, size: int = 224):
   return display
 
 
+def evaluation_source(builder, split: str, vocab, config, answers=None, with_mask=False,
+                      model_grid=None):
+  """(source, preprocess, table) of a split as the evaluation reads it: `preprocess` for
+  `input_pipeline.eval_batches` (None: the default one), and VQA's question table (else None).
+  VQA with masks needs `model_grid(example visual input) -> (h, w)`, the grid its maps go to."""
+  if answers is None:
+    return input_pipeline.data_source(builder, split, with_mask=with_mask), None, None
+  kind = input_pipeline.check_features(config)
+  source = input_pipeline.data_source(builder, split, with_mask=with_mask, features=kind)
+  table = input_pipeline.question_table(builder, split)
+  visual = (input_pipeline.visual_reader(builder, split, source, table, config)
+            if kind == 'grid' else None)
+  grid = None
+  if with_mask:
+    grid = model_grid(visual(None, int(table.image_id[0])) if visual else source[0]['image'])
+  preprocess = input_pipeline.Preprocess(vocab, config.max_question_length, with_mask, answers,
+                                         visual, grid)
+  return source, preprocess, table
+
+
+def monitor_batch(builder, vocab, config, answers=None) -> dict:
+  """The first batch of the evaluation split (no masks): a fixed batch to follow training on."""
+  split = input_pipeline.evaluation_split(builder)
+  source, preprocess, _ = evaluation_source(builder, split, vocab, config, answers)
+  batches, _ = input_pipeline.eval_batches(source, vocab, config, preprocess=preprocess)
+  return next(iter(batches))
+
+
+def monitor_metrics(out, batch, with_sigma2: bool = True) -> dict:
+  """Host-side figures of `eval_step` outputs on `monitor_batch`: accuracy, and the AUROC for
+  wrong answers of the MC predictive entropy and (with_sigma2) of sigma2, over the questions
+  with a true answer."""
+  keep = (np.asarray(batch['weight']) > 0) & (np.asarray(batch['answer']) >= 0)
+  wrong = (np.asarray(out['probs']).argmax(-1) != np.asarray(batch['answer']))[keep]
+  results = {'monitor_accuracy': float(1 - wrong.mean())}
+  for score in ('predictive_entropy', 'sigma2')[:1 + with_sigma2]:
+    results[f'monitor_auroc_{score}'] = metrics.auroc(np.asarray(out[score])[keep], wrong)
+  return results
+
+
 def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir: str,
                         answers=None) -> dict:
   """Evaluates on the test split (`evaluate`, `faithfulness`) and, on process 0, writes
@@ -417,27 +461,21 @@ def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir:
   features = builder.info.features
   split = input_pipeline.evaluation_split(builder)
   with_mask = 'mask' in features or 'hat_maps' in features
-  preprocess, display, answer_types, human_answers = None, None, None, None
+
+  def model_grid(example):  # The model's grid, for the HAT maps.
+    return jax.eval_shape(lambda x: apply_fn(params, x, method='encode_image'),
+                          jax.ShapeDtypeStruct((1, *example.shape), example.dtype)).shape[1:3]
+
+  source, preprocess, table = evaluation_source(builder, split, vocab, config, answers, with_mask,
+                                                model_grid)
+  display, answer_types, human_answers = None, None, None
   if answers is None:
     answer_names = features['answer'].names
-    source = input_pipeline.data_source(builder, split, with_mask=with_mask)
   else:
     answer_names = list(answers.answers)
-    kind = input_pipeline.check_features(config)
-    source = input_pipeline.data_source(builder, split, with_mask=with_mask, features=kind)
-    table = input_pipeline.question_table(builder, split)
     human_answers, answer_types = table.human_answers, table.answer_type
-    visual = None
-    if kind == 'grid':
-      visual = input_pipeline.visual_reader(builder, split, source, table, config)
+    if input_pipeline.check_features(config) == 'grid':
       display = display_images(builder, split)
-    grid = None
-    if with_mask:  # The model's grid, for the HAT maps.
-      example = visual(None, int(table.image_id[0])) if visual else source[0]['image']
-      grid = jax.eval_shape(lambda x: apply_fn(params, x, method='encode_image'),
-                            jax.ShapeDtypeStruct((1, *example.shape), example.dtype)).shape[1:3]
-    preprocess = input_pipeline.Preprocess(vocab, config.max_question_length, with_mask,
-                                           answers, visual, grid)
   batches, num_batches = input_pipeline.eval_batches(source, vocab, config, with_mask=with_mask,
                                                      preprocess=preprocess)
   results, outputs = evaluate(

@@ -36,36 +36,62 @@ SWITCHES = {
     'combine': ('multiply', 'residual'),
     'order': ('first', 'second'),
     'sign': ('certainty', 'uncertainty'),
-    'normalisation': ('max', 'min_max'),
+    'normalisation': ('max', 'min_max', 'softmax'),
     'aleatoric_loss': tuple(uncertainty.ALEATORIC_LOSSES),
+    'map_source': ('uncertainty', 'variance'),
+    'map_weighting': ('gradcam', 'elementwise'),
+    'map_gradient': ('through', 'stop'),
+    'predictive_variance': ('raw', 'normalised'),
+    'variance_optimizer': ('main', 'sgd'),
 }
 
 
 def check_config(ucam) -> None:
-  """Raises ValueError naming a `config.ucam` switch whose value is not one of its choices."""
+  """Raises ValueError naming a `config.ucam` switch whose value is not one of its choices, or a
+  number out of its range."""
   for key, choices in SWITCHES.items():
     if ucam[key] not in choices:
       raise ValueError(f'config.ucam.{key} is {ucam[key]!r}; choose one of {list(choices)}.')
   for key in ('aleatoric_samples', 'predictive_samples'):
     if ucam[key] < 1:
       raise ValueError(f'config.ucam.{key} must be at least 1, got {ucam[key]}.')
+  if not 0 <= ucam.warmup < 1:
+    raise ValueError(f'config.ucam.warmup must be in [0, 1) (a fraction of the training steps), '
+                     f'got {ucam.warmup}.')
+  for key in ('uncertainty_weight', 'variance_learning_rate'):
+    if not ucam[key] > 0:
+      raise ValueError(f'config.ucam.{key} must be positive, got {ucam[key]}.')
 
 
-def certainty_map(A, G, lengths=None, sign='certainty', normalisation='max'):
+def certainty_map(A, G, lengths=None, sign='certainty', normalisation='max',
+                  weighting='gradcam'):
   """A, G [n, spatial..., k] (activations, d uncertainty / dA) -> [n, spatial...] in [0, 1].
 
   The U-CAM map: w_k = mean_spatial(-G_k), ReLU(sum_k w_k A_k), divided by its maximum. With
   `lengths [n]` the spatial axis is a word axis and positions past each question's length are
   zeroed before normalising (padding never reaches the answer, so it must not set the scale).
-  sign 'uncertainty': w_k = mean_spatial(+G_k). normalisation 'min_max': no ReLU; the map less
-  its minimum, divided by its range. A map with nothing left (all clipped, or constant) is 0.
+  sign 'uncertainty': w_k = mean_spatial(+G_k). weighting 'elementwise' (CADA): every position
+  keeps its own gradient, sum_k -G_ijk A_ijk, instead of the channel means.
+  normalisation 'min_max': no ReLU; the map less its minimum, divided by its range. 'softmax'
+  (CADA): a softmax over the positive positions, the others 0. A map with nothing left (all
+  clipped, or constant) is 0.
   """
   spatial = tuple(range(1, A.ndim - 1))
-  weights = G.mean(axis=spatial) * (-1 if sign == 'certainty' else 1)
-  maps = jnp.einsum('n...k,nk->n...', A, weights)
+  weights = -G if sign == 'certainty' else G
+  if weighting == 'gradcam':
+    maps = jnp.einsum('n...k,nk->n...', A, weights.mean(axis=spatial))
+  else:
+    maps = jnp.sum(A * weights, axis=-1)
   valid = (jnp.ones(maps.shape, bool) if lengths is None
            else jnp.arange(maps.shape[1]) < lengths[:, None])
   axes = tuple(range(1, maps.ndim))
+  if normalisation == 'softmax':
+    keep = valid & (maps > 0)
+    logits = jnp.where(keep, maps, -jnp.inf)
+    top = jnp.where(keep.any(axis=axes, keepdims=True), logits.max(axis=axes, keepdims=True), 0)
+    exp = jnp.where(keep, jnp.exp(logits - jax.lax.stop_gradient(top)), 0)
+    total = exp.sum(axis=axes, keepdims=True)
+    return exp / jnp.where(total > 0, total, 1)
   if normalisation == 'max':
     maps, low = jax.nn.relu(maps), 0
   else:
@@ -97,21 +123,30 @@ def answer_inputs(apply_fn, params, features, maps=None, combine='multiply'):
   return v, q, certainty
 
 
-def answer(apply_fn, params, inputs, dropout_key=None):
+def answer(apply_fn, params, inputs, dropout_key=None, detach_variance=False):
   """The answer stage on `answer_inputs`: {'logits', 'sigma2', 'attention'}; dropout_key None
-  runs it deterministically."""
+  runs it deterministically. detach_variance: no gradient from sigma2 into the trunk."""
   if dropout_key is None:
-    return apply_fn(params, *inputs, method='answer')
+    return apply_fn(params, *inputs, method='answer', detach_variance=detach_variance)
   return apply_fn(params, *inputs, method='answer', deterministic=False,
-                  rngs={'dropout': dropout_key})
+                  detach_variance=detach_variance, rngs={'dropout': dropout_key})
 
 
 def uncertainty_term(ucam, logits, sigma2, targets, noise, weights=None):
-  """U for one variance: L_AU of the published recipe (without its answer loss), or the Kendall
-  & Gal likelihood, as `ucam.aleatoric_loss` says. Shapes as `uncertainty.aleatoric_loss`."""
+  """U for one variance: the aleatoric part of the published recipe or of CADA's (without their
+  answer loss), or the whole Kendall & Gal or temperature likelihood, as `ucam.aleatoric_loss`
+  says. Shapes as `uncertainty.aleatoric_loss`."""
   terms = uncertainty.ALEATORIC_LOSSES[ucam.aleatoric_loss](logits, sigma2, targets, noise,
                                                              weights)
-  return terms['aleatoric'] if ucam.aleatoric_loss == 'published' else terms['total']
+  return terms['aleatoric'] if 'aleatoric' in terms else terms['total']
+
+
+def predictive_variance(ucam, variance):
+  """The variance that L_PU uses in place of sigma^2: the MC-dropout predictive variance [n] as
+  it is ('raw', the published form), or v / (1 + v) in [0, 1) ('normalised'), which keeps the
+  depressor exp(v) - 1 below e - 1 where a trained model's logit variance (1.4-1.8 measured)
+  made L_PU about 12x the answer loss."""
+  return variance if ucam.predictive_variance == 'raw' else variance / (1 + variance)
 
 
 def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool):
@@ -124,12 +159,13 @@ def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool
     train: dropout on in the answer pass (the L_PU samples always use dropout).
 
   Returns:
-    (terms, outputs). terms: scalars 'loss', 'answer' and, unless mode is 'none',
-    'uncertainty' (U) with its parts 'aleatoric' / 'predictive'; in mode 'mask' also
-    'uncertainty_before_mask', the first pass's U of its own answer. outputs: the answer
-    outputs ('logits', 'sigma2', 'attention'); in mode 'mask' 'attention' is the GCA attention,
-    'model_attention' that of the first pass, and
-    'certainty_image' [n, h, w] / 'certainty_question' [n, length] the maps of the chosen branch.
+    (terms, outputs). terms: scalars 'loss' (answer + uncertainty_weight * U), 'answer' and,
+    unless mode is 'none', 'uncertainty' (U) with its parts 'aleatoric' / 'predictive'; in mode
+    'mask' also 'uncertainty_before_mask', the first pass's U for the same (true) targets, so
+    the pair shows what the mask does to U. outputs: the answer outputs ('logits', 'sigma2',
+    'attention'); in mode 'mask' 'attention' is the GCA attention, 'model_attention' that of
+    the first pass, and 'certainty_image' [n, h, w] / 'certainty_question' [n, length] the maps
+    of the chosen branch.
   """
   dropout_key, noise_key, sample_key = jax.random.split(key, 3)
   dropout_key = dropout_key if train else None
@@ -146,53 +182,82 @@ def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool
     loss = answer_loss(out['logits'])
     return {'loss': loss, 'answer': loss}, out
 
-  def with_uncertainty(v, e, maps, own_answer=False):
-    """U and the answer outputs, with the features given explicitly so U can be differentiated.
-
-    own_answer: U takes the model's own answer as the target instead of `targets`.
-    """
+  def run(v, e, maps, detach):
+    """The answer pass with the features given explicitly, so it can be differentiated; with
+    U predictive, also the variance L_PU uses [n] (its MC-dropout samples share the pass's
+    inputs)."""
     inputs = answer_inputs(apply_fn, params, (v, e, features[2]), maps, ucam.combine)
-    out = answer(apply_fn, params, inputs, dropout_key)
-    terms = {'answer': answer_loss(out['logits'])}
-    target = soft(out['logits'])
-    if own_answer:
-      target = jax.nn.one_hot(jnp.argmax(out['logits'], -1), out['logits'].shape[-1])
-    # The same key every call: both passes see the same noise draws.
+    out = answer(apply_fn, params, inputs, dropout_key, detach)
+    if ucam.uncertainty == 'aleatoric':
+      return out, None
+
+    def sample(k):
+      s = answer(apply_fn, params, inputs, k, detach)
+      return s['logits'], s['sigma2']
+    stats = uncertainty.predictive_stats(
+        *uncertainty.mc_dropout(sample, sample_key, ucam.predictive_samples))
+    return out, predictive_variance(ucam, stats['predictive_variance'])
+
+  def uncertainty_of(out, predictive, target):
+    """U and its parts for `target` [n, answers]. The same noise draws on every call."""
     noise = uncertainty.sample_noise(noise_key, ucam.aleatoric_samples, out['logits'].shape)
+    terms = {}
     if ucam.uncertainty in ('aleatoric', 'both'):
       terms['aleatoric'] = uncertainty_term(ucam, out['logits'], out['sigma2'], target, noise,
                                              weights)
     if ucam.uncertainty in ('predictive', 'both'):
-      def sample(k):
-        s = answer(apply_fn, params, inputs, k)
-        return s['logits'], s['sigma2']
-      stats = uncertainty.predictive_stats(
-          *uncertainty.mc_dropout(sample, sample_key, ucam.predictive_samples))
-      terms['predictive'] = uncertainty_term(ucam, out['logits'], stats['predictive_variance'],
-                                              target, noise, weights)
-    terms['uncertainty'] = sum(terms[k] for k in ('aleatoric', 'predictive') if k in terms)
-    terms['loss'] = terms['answer'] + terms['uncertainty']
-    return terms['uncertainty'], (terms, out)
+      terms['predictive'] = uncertainty_term(ucam, out['logits'], predictive, target, noise,
+                                              weights)
+    terms['uncertainty'] = sum(terms.values())
+    return terms
+
+  def loss_terms(out, predictive):
+    terms = uncertainty_of(out, predictive, soft(out['logits']))
+    terms['answer'] = answer_loss(out['logits'])
+    terms['loss'] = terms['answer'] + ucam.uncertainty_weight * terms['uncertainty']
+    return terms
 
   v, e, lengths = features
   if ucam.mode == 'loss_only':
-    return with_uncertainty(v, e, None)[1]
+    out, predictive = run(v, e, None, ucam.variance_detach)
+    return loss_terms(out, predictive), out
 
-  # The maps come from U of the model's own answer: maps of the true one would hand the answer
-  # to the second pass (training accuracy 99.9%, test accuracy at chance on grounded shapes).
+  def variance_used(out, predictive):
+    """[n]: the variance that U uses (sigma2, the predictive one, or their sum)."""
+    return {'aleatoric': out['sigma2'], 'predictive': predictive,
+            'both': out['sigma2'] + (0 if predictive is None else predictive)}[ucam.uncertainty]
+
+  def map_source(v, e):
+    """What the maps differentiate: U of the model's own answer (never of the true one, which
+    the maps would otherwise pass on to the second pass: training accuracy 99.9%, test accuracy
+    at chance on grounded shapes), or the predicted variance (CADA). Summed over examples: each
+    example's value depends on its own features only. No detach: the maps see every path."""
+    out, predictive = run(v, e, None, detach=False)
+    if ucam.map_source == 'variance':
+      return jnp.sum(variance_used(out, predictive) * weights), (out, predictive)
+    own = jax.nn.one_hot(jnp.argmax(out['logits'], -1), out['logits'].shape[-1])
+    return uncertainty_of(out, predictive, own)['uncertainty'], (out, predictive)
+
   # Only the branches' gradients are taken: the question's goes back through the LSTM.
   branches = ('image', 'question') if ucam.branch == 'both' else (ucam.branch,)
   argnums = tuple({'image': 0, 'question': 1}[b] for b in branches)
-  (_, (before, first)), grads = jax.value_and_grad(
-      with_uncertainty, argnums=argnums, has_aux=True)(v, e, None, True)
+  (_, (first, first_predictive)), grads = jax.value_and_grad(
+      map_source, argnums=argnums, has_aux=True)(v, e)
   if ucam.order == 'first':
     grads = jax.lax.stop_gradient(grads)
   activations = {'image': (v, None), 'question': (e, lengths)}
   maps = {b: certainty_map(activations[b][0], g, activations[b][1], ucam.sign,
-                          ucam.normalisation)
+                          ucam.normalisation, ucam.map_weighting)
           for b, g in zip(branches, grads)}
-  _, (terms, out) = with_uncertainty(v, e, maps)
-  terms['uncertainty_before_mask'] = before['uncertainty']
+  if ucam.variance_factor:  # CADA: trust the map as much as the answer is certain.
+    trust = jnp.clip(1 - variance_used(first, first_predictive), 0, 1)
+    maps = {b: m * trust.reshape(-1, *([1] * (m.ndim - 1))) for b, m in maps.items()}
+  if ucam.map_gradient == 'stop':
+    maps = jax.lax.stop_gradient(maps)
+  out, predictive = run(v, e, maps, ucam.variance_detach)
+  terms = loss_terms(out, predictive)
+  terms['uncertainty_before_mask'] = jax.lax.stop_gradient(
+      uncertainty_of(first, first_predictive, soft(first['logits']))['uncertainty'])
   out = dict(out, model_attention=first['attention'],
              **{f'certainty_{branch}': m for branch, m in maps.items()})
   return terms, out

@@ -54,8 +54,22 @@ def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
   raise ValueError(f'config.learning_rate_schedule is {name!r}; choose one of {list(SCHEDULES)}.')
 
 
+def variance_labels(params):
+  """'variance' for the variance head's parameters ('variance', 'variance_hidden'), 'main' for
+  the rest (optax.multi_transform)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'variance' if any(str(getattr(k, 'key', '')).startswith('variance')
+                                        for k in path) else 'main', params)
+
+
 def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
-  return optax.adam(learning_rate_schedule(config, num_steps))
+  """Adam on the schedule; with config.ucam.variance_optimizer 'sgd', the variance head has its
+  own plain SGD at config.ucam.variance_learning_rate, as the published training scripts do."""
+  adam = optax.adam(learning_rate_schedule(config, num_steps))
+  if config.ucam.variance_optimizer == 'main':
+    return adam
+  return optax.multi_transform(
+      {'main': adam, 'variance': optax.sgd(config.ucam.variance_learning_rate)}, variance_labels)
 
 
 def create_train_state(config, model: nn.Module, num_steps: int, batch) -> TrainState:
@@ -93,12 +107,19 @@ def train_step(state: TrainState, batch, ucam):
     features = group_features(state.apply_fn, params, batch)
     terms, out = gca.forward(state.apply_fn, params, features, targets, weights, step_rng, ucam,
                              train=True)
-    return terms['loss'], (terms, out['logits'])
+    return terms['loss'], (terms, out)
 
-  (_, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, rng=rng)
-  correct = (logits.argmax(-1) == labels) * weights
-  return state, {**terms, 'accuracy': correct.sum() / weights.sum(), 'questions': weights.sum()}
+  correct = (out['logits'].argmax(-1) == labels) * weights
+  metrics = {**terms, 'accuracy': correct.sum() / weights.sum(), 'questions': weights.sum()}
+  if ucam.mode != 'none':  # Whether the variance head collapses, and U's share of the loss.
+    sigma2 = jnp.where(weights > 0, out['sigma2'], jnp.nan)
+    metrics['sigma2_mean'] = jnp.nanmean(sigma2)
+    for q, value in zip((10, 50, 90), jnp.nanquantile(sigma2, jnp.array([0.1, 0.5, 0.9]))):
+      metrics[f'sigma2_p{q}'] = value
+    metrics['uncertainty_ratio'] = terms['uncertainty'] / terms['answer']
+  return state, metrics
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -208,6 +229,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_time = time.time()
   gca.check_config(config.ucam)
   evaluate.check_config(config)
+  if config.monitor_every_steps % config.log_every_steps:
+    raise ValueError(f'config.monitor_every_steps ({config.monitor_every_steps}) must be a '
+                     f'multiple of config.log_every_steps ({config.log_every_steps}), or 0.')
   main_process = jax.process_index() == 0
   prepare_workdir(workdir)
   builder = input_pipeline.get_builder(config)
@@ -248,8 +272,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     storage.write_text(epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2))
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start_step) if main_process else None
-  step_fn = jax.jit(functools.partial(train_step, ucam=config.ucam), donate_argnums=0,
-                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  def jit_step(ucam):
+    return jax.jit(functools.partial(train_step, ucam=ucam), donate_argnums=0,
+                   out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+
+  step_fn = jit_step(config.ucam)
+  # Warm-up: the first steps train the baseline (the answer loss alone), then U and the maps.
+  warmup_steps = int(config.ucam.warmup * num_steps) if config.ucam.mode != 'none' else 0
+  warmup_fn = jit_step(ml_collections.ConfigDict({**config.ucam, 'mode': 'none'}))
+  monitor = None
+  if 0 < config.monitor_every_steps <= num_steps:
+    monitor_batch = sharding.shard_batch(
+        evaluate.monitor_batch(builder, vocab, config, answers), mesh)
+    monitor_step = jax.jit(functools.partial(
+        evaluate.eval_step, apply_fn=state.apply_fn, mc_samples=config.mc_samples,
+        ucam=config.ucam))
+    monitor_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+
+    def monitor(params):
+      out = monitor_step(params, batch=monitor_batch, key=monitor_key)
+      return evaluate.monitor_metrics(*sharding.to_host((out, monitor_batch)),
+                                      with_sigma2=config.ucam.mode != 'none')
   stop_step = min(num_steps, config.stop_at_step or num_steps)
   batches = input_pipeline.train_batches(groups, config, start_step)
   pending, last_train, preempted = [], {}, False
@@ -258,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tqdm(total=num_steps, initial=start_step, desc='train', mininterval=2,
              disable=not main_process) as bar):
     for step in range(start_step + 1, stop_step + 1):
-      state, step_metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
+      train_fn = warmup_fn if step <= warmup_steps else step_fn
+      state, step_metrics = train_fn(state, sharding.shard_batch(next(batches), mesh))
       pending.append(step_metrics)
       bar.update()
       preempted = preemption_reached(step)  # Asked at every step: processes agree on the step.
@@ -268,10 +312,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = jax.device_get(pending)
         stop_if_not_finite(pending, step, manager)  # Before anything from it is saved.
       if step % config.log_every_steps == 0 or last_step:
+        # Question-weighted means; a window across the warm-up's end averages each term over
+        # the steps that have it.
+        last_train = {}
+        for k in dict.fromkeys(k for m in pending for k in m if k != 'questions'):
+          have = [m for m in pending if k in m]
+          last_train[f'train_{k}'] = float(sum(m[k] * m['questions'] for m in have)
+                                           / sum(m['questions'] for m in have))
         questions = sum(m['questions'] for m in pending)
-        last_train = {f'train_{k}': float(sum(m[k] * m['questions'] for m in pending) / questions)
-                      for k in pending[0] if k != 'questions'}
         last_train['questions_per_sec'] = float(questions) / (time.time() - window_start)
+        if monitor and step % config.monitor_every_steps == 0:
+          last_train.update(monitor(state.params))
         if writer:
           writer.write(step, last_train)
         bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",

@@ -150,7 +150,54 @@ def kendall_gal_loss(logits, sigma2, targets, noise, weights=None) -> dict:
   return {'total': total, 'answer': answer}
 
 
-ALEATORIC_LOSSES = {'published': aleatoric_loss, 'kendall_gal': kendall_gal_loss}
+TEMPERATURE_FLOOR = 1e-3
+
+
+def temperature_loss(logits, sigma2, targets, noise=None, weights=None) -> dict:
+  """Kendall, Gal & Cipolla (CVPR 2018): sigma2 as each example's softmax temperature,
+
+    total = mean_n sum_c -t_nc log softmax(z_n / sigma2_n)_c.
+
+  A proper per-example likelihood with no sampling (`noise` is accepted for a common signature
+  and unused): a confident right answer wants sigma2 -> 0 (down to TEMPERATURE_FLOOR), a wrong
+  one the temperature that best calibrates it, above 1 where the truth is the runner-up. Same other
+  arguments as `aleatoric_loss`. Returns scalars {'total', 'answer'} ('answer' is L_ud, for
+  comparison, not part of 'total').
+  """
+  _check_loss_args(logits, sigma2, targets, noise if noise is not None else logits[None],
+                   weights)
+  # A floor on the temperature: a right answer drives it toward 0 and a softplus head underflows
+  # to exactly 0 (z / 0 is nan); below the floor the gradient is 0, so the head stops there.
+  temperature = jnp.maximum(sigma2, TEMPERATURE_FLOOR)[:, None]
+  total = _mean_over_examples(_cross_entropy(logits / temperature, targets), weights)
+  answer = _mean_over_examples(_cross_entropy(logits, targets), weights)
+  return {'total': total, 'answer': answer}
+
+
+def cada_loss(logits, sigma2, targets, noise, weights=None) -> dict:
+  """The Bayesian cross-entropy of CADA (Kurmi, Kumar & Namboodiri, CVPR 2019; the same lab's
+  released training code), the published recipe's sibling:
+
+    L_var   = L_ud * mean_t ELU(L_ud - L_d(t))      (+ELU, per draw, scaled by the answer loss)
+    total   = L_ud + L_var + L_vd,
+
+  L_ud, L_d(t) and L_vd as in `aleatoric_loss`. Since E[L_d(t)] >= L_ud, ELU's argument is
+  mostly negative, so L_var rewards variance, more where the answer loss is high, and the
+  depressor L_vd bounds it. Same arguments as `aleatoric_loss`. Returns scalars {'total',
+  'answer' (L_ud), 'aleatoric' (L_var + L_vd), 'variance', 'depressor'}.
+  """
+  _check_loss_args(logits, sigma2, targets, noise, weights)
+  answer = _mean_over_examples(_cross_entropy(logits, targets), weights)
+  distorted = _mean_over_examples(_noisy_cross_entropy(logits, sigma2, targets, noise),
+                                  weights)  # [T]
+  variance = answer * jnp.mean(jax.nn.elu(answer - distorted))
+  depressor = _mean_over_examples(jnp.expm1(sigma2), weights)
+  return {'total': answer + variance + depressor, 'answer': answer,
+          'aleatoric': variance + depressor, 'variance': variance, 'depressor': depressor}
+
+
+ALEATORIC_LOSSES = {'published': aleatoric_loss, 'kendall_gal': kendall_gal_loss,
+                    'temperature': temperature_loss, 'cada': cada_loss}
 
 
 # --------------------------------------------------------------------------- MC dropout

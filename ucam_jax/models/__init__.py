@@ -2,7 +2,7 @@
 
   encode_image(images) -> v [batch, h, w, d]        no dropout: computed once per input
   encode_question(tokens, lengths) -> (q [batch, d], words [batch, length, d])
-  answer(v, q, deterministic) -> {'logits': [batch, answers], 'sigma2': [batch],
+  answer(v, q, certainty, deterministic, detach_variance) -> {'logits': [batch, answers], 'sigma2': [batch],
                                   'attention': [batch, glimpses, h, w]}
 
 `__call__` chains them. Dropout lives only in `answer`, so MC dropout and gradients with respect to

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucam_jax.models import variance
 from ucam_jax.models.dropout import Dropout
 
 xavier = nn.initializers.xavier_uniform()
@@ -144,6 +145,8 @@ class AttentionNet(nn.Module):
   # Mixed precision: 'bfloat16' computes the matmuls in bfloat16. Parameters, the LSTM state,
   # the softmax of the attention and the logits (so the losses) stay float32.
   dtype: str = 'float32'
+  variance_input: str = 'logits'  # The variance head reads: logits (published) | hidden (CADA).
+  variance_hidden_dim: int = 0  # > 0: the variance head's own hidden ReLU layer (0: linear).
 
   def setup(self):
     dense = functools.partial(nn.Dense, kernel_init=xavier, dtype=self.dtype)
@@ -158,6 +161,8 @@ class AttentionNet(nn.Module):
     # No dtype: the logits (so the losses) are float32 under bfloat16, float64 under float64.
     self.classifier = nn.Dense(self.num_answers, kernel_init=xavier)
     self.variance = nn.Dense(1, kernel_init=xavier)  # The aleatoric variance head.
+    self.variance_hidden = (nn.Dense(self.variance_hidden_dim, kernel_init=xavier)
+                            if self.variance_hidden_dim else None)
     self.dropout = Dropout(self.dropout_rate)
 
   def encode_image(self, features):
@@ -181,13 +186,15 @@ class AttentionNet(nn.Module):
     self.sow('intermediates', 'words', e)
     return self.lstm(jnp.tanh(e), lengths)
 
-  def answer(self, v, q, certainty=None, *, deterministic: bool = True):
+  def answer(self, v, q, certainty=None, *, deterministic: bool = True,
+             detach_variance: bool = False):
     """v: [n, h, w, d], q: [n, question_dim] -> {'logits': [n, answers], 'sigma2': [n],
     'attention': [n, glimpses, h, w]}.
 
     certainty: optional [n, h, w] map >= 0 (GCA): each glimpse becomes
     normalise(attention * certainty); where that product is all zero the attention is kept.
-    v is exposed to `ucam_jax.explain` as the intermediate 'grid'.
+    v is exposed to `ucam_jax.explain` as the intermediate 'grid'. sigma2 and detach_variance:
+    see `ucam_jax.models.variance`.
     """
     v = self.perturb('grid', v)
     self.sow('intermediates', 'grid', v)
@@ -207,7 +214,8 @@ class AttentionNet(nn.Module):
     combined = jnp.concatenate([pooled, _at_least_float32(q)], axis=-1)
     hidden = nn.relu(self.hidden(drop(combined)))
     logits = self.classifier(drop(hidden))
-    sigma2 = nn.softplus(self.variance(logits)[:, 0])
+    sigma2 = variance.sigma2(self.variance, logits, hidden, self.variance_input, detach_variance,
+                             self.variance_hidden)
     return {'logits': logits, 'sigma2': sigma2,
             'attention': attention.reshape(n, self.glimpses, h, w)}
 

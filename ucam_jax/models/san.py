@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucam_jax.models import variance
+
 
 def _at_least_float32(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -49,6 +51,8 @@ class SAN(nn.Module):
   # Mixed precision: 'bfloat16' computes the layers in bfloat16 (TPU, recent GPUs). Parameters,
   # the LSTM state and the logits (so the losses) stay float32.
   dtype: str = 'float32'
+  variance_input: str = 'logits'  # The variance head reads: logits (published) | hidden (CADA).
+  variance_hidden_dim: int = 0  # > 0: the variance head's own hidden ReLU layer (0: linear).
 
   def setup(self):
     # Stride-2 convs down to the grid, then stride-1 convs on the grid, which widen what each
@@ -72,6 +76,8 @@ class SAN(nn.Module):
     # No dtype: the logits (so the losses) are float32 under bfloat16, float64 under float64.
     self.classifier = nn.Dense(self.num_answers)
     self.variance = nn.Dense(1)  # The aleatoric variance head (SPEC section 3).
+    self.variance_hidden = (nn.Dense(self.variance_hidden_dim)
+                            if self.variance_hidden_dim else None)
 
   def encode_image(self, images):
     """images: [batch, H, W, 3] uint8 -> v: [batch, H/2^k, W/2^k, hidden_dim], k stride-2 convs.
@@ -102,14 +108,16 @@ class SAN(nn.Module):
     (_, q), words = self.lstm(e, seq_lengths=lengths)
     return q, words
 
-  def answer(self, v, q, certainty=None, *, deterministic: bool = True):
+  def answer(self, v, q, certainty=None, *, deterministic: bool = True,
+             detach_variance: bool = False):
     """v: [batch, h, w, d], q: [batch, d] -> {'logits': [batch, answers], 'sigma2': [batch],
     'attention': [batch, hops, h, w]}.
 
     certainty: optional [batch, h, w] map >= 0 that multiplies every hop's attention (GCA).
     v is exposed to `ucam_jax.explain` as the intermediate 'grid' (perturb + sow), so Grad-CAM
-    and U-CAM maps are taken with respect to it. sigma2 = softplus(Linear(logits)) is the
-    per-example aleatoric variance.
+    and U-CAM maps are taken with respect to it. sigma2 = softplus(Linear(logits or hidden))
+    is the per-example aleatoric variance (`ucam_jax.models.variance`); detach_variance stops
+    the gradient at the head's input.
     """
     v = self.perturb('grid', v)
     self.sow('intermediates', 'grid', v)
@@ -125,7 +133,8 @@ class SAN(nn.Module):
     hidden = self.hidden(self.dropout(u, deterministic=deterministic))
     hidden = nn.relu(hidden)
     logits = self.classifier(self.dropout(hidden, deterministic=deterministic))
-    sigma2 = nn.softplus(self.variance(logits)[:, 0])
+    sigma2 = variance.sigma2(self.variance, logits, hidden, self.variance_input, detach_variance,
+                             self.variance_hidden)
     return {'logits': logits, 'sigma2': sigma2, 'attention': jnp.stack(maps, axis=1)}
 
   def __call__(self, images, tokens, lengths, *, deterministic: bool = True):
