@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name='attention_net', embed_dim=300, question_dim=1024, attention_dim=512, glimpses=2,
       classifier_dim=1024, dropout_rate=0.5,
+      variance_input='hidden', variance_hidden_dim=64,  # As configs/san.py; published: logits, 0.
       dtype='float32'))  # 'bfloat16': mixed precision (TPU, recent GPUs); parameters float32.
 
   # Optimisation, as published: Adam 1e-3 halved every 50k iterations, 220 questions a batch.
@@ -60,5 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 100_000
   config.mc_samples = 50  # The published evaluation: T_p = 50 MC-dropout passes.
   config.log_every_steps = 200
+  config.monitor_every_steps = 1000  # A multiple of log_every_steps.
   config.checkpoint_every_steps = 5000
   return config

@@ -6,6 +6,14 @@
 
 import ml_collections
 
+# The published recipe (SPEC sections 3-4), which the project trained with until the variance head
+# was found to collapse (docs/results.md): the published loss on a linear head over the logits,
+# with its gradient flowing into them; GCA maps of U, differentiable. One override each, or
+# configs/san_published.py.
+PUBLISHED_MODEL = dict(variance_input='logits', variance_hidden_dim=0)
+PUBLISHED_UCAM = dict(aleatoric_loss='published', variance_detach=False,
+                      map_source='uncertainty', map_gradient='through')
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -20,8 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name='san', stem_features=(16, 32, 64), grid_convs=1, embed_dim=32, hidden_dim=64,
       attention_dim=32, num_hops=2, classifier_dim=128, dropout_rate=0.1,
-      variance_input='logits',  # The variance head reads: logits (published) | hidden (CADA).
-      variance_hidden_dim=0,  # > 0: a hidden ReLU layer in the variance head (0: linear).
+      # The variance head reads: hidden (the classifier's hidden layer, as CADA) | logits
+      # (published), through a hidden ReLU layer of this width (0: linear, as published).
+      variance_input='hidden', variance_hidden_dim=64,
       dtype='float32'))  # 'bfloat16': mixed precision (TPU, recent GPUs); parameters float32.
 
   # U-CAM (SPEC sections 4-5; ucam_jax/gca.py). The baseline: --config.ucam.mode=none.
@@ -36,17 +45,21 @@ def get_config() -> ml_collections.ConfigDict:
       sign='certainty',  # certainty (weights of -dU, the paper's) | uncertainty (of +dU).
       # max (ReLU, / max) | min_max (no ReLU; (M - min) / (max - min)) | softmax (CADA).
       normalisation='max',
-      map_source='uncertainty',  # The maps differentiate: uncertainty (U) | variance (CADA).
+      # The maps differentiate: variance (the predicted variance U uses, as CADA) | uncertainty
+      # (U of the model's own answer, published).
+      map_source='variance',
       map_weighting='gradcam',  # gradcam (channel means) | elementwise (CADA: A * gradient).
       variance_factor=False,  # True: the maps times (1 - variance), clipped to [0, 1] (CADA).
-      map_gradient='through',  # through: the loss differentiates the maps | stop.
-      aleatoric_loss='published',  # published | kendall_gal | cada.
+      map_gradient='stop',  # stop | through: the loss differentiates the maps (published).
+      # temperature (sigma2 as a per-example softmax temperature, Kendall, Gal & Cipolla 2018) |
+      # published | kendall_gal (Gaussian logit noise, Kendall & Gal 2017) | cada.
+      aleatoric_loss='temperature',
       aleatoric_samples=100,  # T_a: Gaussian logit samples per question.
       predictive_samples=4,  # MC-dropout passes per training question for L_PU.
       predictive_variance='raw',  # L_PU's variance: raw (published) | normalised (v / (1 + v)).
       uncertainty_weight=1.0,  # loss = answer loss + uncertainty_weight * U.
       warmup=0.0,  # The first fraction of the steps trains the baseline; then U and the maps.
-      variance_detach=False,  # True: no gradient from sigma2 into the trunk.
+      variance_detach=True,  # True: no gradient from sigma2 into the trunk (False: published).
       # The variance head's optimiser: main (the rest's Adam) | sgd (published: SGD of its own).
       variance_optimizer='main',
       variance_learning_rate=2e-4,  # Of the sgd variance optimiser.

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name='san', stem_features=(32, 64, 128, 256, 512), grid_convs=1, embed_dim=300,
       hidden_dim=512, attention_dim=512, num_hops=2, classifier_dim=1024, dropout_rate=0.5,
+      variance_input='hidden', variance_hidden_dim=64,  # As configs/san.py.
       dtype='float32'))
   config.batch_size = 32  # Images per batch: about 96 questions.
   config.learning_rate = 1e-3

@@ -55,46 +55,60 @@ SWITCH_VARIANTS = {
 }
 
 # The uncertainty-signal search (docs/results.md, "Uncertainty that carries signal"): the
-# variance head, its loss and optimiser, then GCA's map, on the validation draw. A variant's
-# 'model' entry overrides config.model.
-_DETACHED = dict(mode='loss_only', uncertainty='aleatoric', variance_detach=True)
+# variance head, its loss and optimiser, then GCA's map, on the validation draw. Every variant
+# starts from the published recipe (configs/san.py's PUBLISHED_*) and names what it changes; a
+# variant's 'model' entry overrides config.model.
+
+
+def _from_published(model=None, **ucam) -> dict:
+  return dict(VARIANTS['loss_only'], **{**san.PUBLISHED_UCAM, **ucam},
+              model={**san.PUBLISHED_MODEL, **(model or {})})
+
+
+_HIDDEN_MLP = dict(variance_input='hidden', variance_hidden_dim=64)
+# The head the loss_only search chose (the best AUROC of sigma2 on the validation draw).
+_HEAD = dict(aleatoric_loss='temperature', variance_detach=True, model=_HIDDEN_MLP)
 SIGNAL_VARIANTS = {
     'baseline': VARIANTS['baseline'],
+    'loss_only': _from_published(),
+    'loss_only+published+detached+sgd': _from_published(variance_detach=True,
+                                                        variance_optimizer='sgd'),
+    'loss_only+kendall_gal+detached': _from_published(aleatoric_loss='kendall_gal',
+                                                      variance_detach=True),
+    'loss_only+kendall_gal+detached+hidden': _from_published(
+        aleatoric_loss='kendall_gal', variance_detach=True, model=dict(variance_input='hidden')),
+    'loss_only+cada+detached+hidden': _from_published(
+        aleatoric_loss='cada', variance_detach=True, model=dict(variance_input='hidden')),
+    'loss_only+kendall_gal+detached+mlp': _from_published(
+        aleatoric_loss='kendall_gal', variance_detach=True, model=dict(variance_hidden_dim=64)),
+    'loss_only+temperature+detached': _from_published(aleatoric_loss='temperature',
+                                                      variance_detach=True),
+    'loss_only+temperature+detached+mlp': _from_published(
+        aleatoric_loss='temperature', variance_detach=True, model=dict(variance_hidden_dim=64)),
+    'loss_only+temperature+detached+hidden': _from_published(
+        aleatoric_loss='temperature', variance_detach=True, model=dict(variance_input='hidden')),
+    'loss_only+temperature+detached+hidden+mlp': _from_published(**_HEAD),
+    'A-GCA+head': _from_published(**_HEAD, mode='mask', branch='both'),
+    'A-GCA+head+stop': _from_published(**_HEAD, mode='mask', branch='both',
+                                       map_gradient='stop'),
+    'A-GCA+head+variance_map': _from_published(**_HEAD, mode='mask', branch='both',
+                                               map_gradient='stop', map_source='variance'),
+    'A-GCA+head+cada_map': _from_published(
+        **_HEAD, mode='mask', branch='both', map_gradient='stop', map_source='variance',
+        map_weighting='elementwise', normalisation='softmax', variance_factor=True),
+    'A-GCA+head+variance_map+warmup': _from_published(
+        **_HEAD, mode='mask', branch='both', map_gradient='stop', map_source='variance',
+        warmup=0.25),
+}
+
+# The table of docs/results.md's "Uncertainty that carries signal": the published recipe and the
+# defaults the search chose (configs/san.py), against the baseline, on the test draw.
+SIGNAL_TEST_VARIANTS = {
+    'baseline': VARIANTS['baseline'],
+    'loss_only_published': _from_published(),
+    'A-GCA_published': _from_published(mode='mask', branch='both'),
     'loss_only': VARIANTS['loss_only'],
-    'loss_only+published+detached+sgd': dict(_DETACHED, variance_optimizer='sgd'),
-    'loss_only+kendall_gal+detached': dict(_DETACHED, aleatoric_loss='kendall_gal'),
-    'loss_only+kendall_gal+detached+hidden': dict(
-        _DETACHED, aleatoric_loss='kendall_gal', model=dict(variance_input='hidden')),
-    'loss_only+cada+detached+hidden': dict(
-        _DETACHED, aleatoric_loss='cada', model=dict(variance_input='hidden')),
-    'loss_only+kendall_gal+detached+mlp': dict(
-        _DETACHED, aleatoric_loss='kendall_gal', model=dict(variance_hidden_dim=64)),
-    'loss_only+kendall_gal+detached+hidden+mlp': dict(
-        _DETACHED, aleatoric_loss='kendall_gal',
-        model=dict(variance_input='hidden', variance_hidden_dim=64)),
-    'loss_only+kendall_gal+hidden': dict(
-        VARIANTS['loss_only'], aleatoric_loss='kendall_gal', model=dict(variance_input='hidden')),
-    'loss_only+kendall_gal': dict(VARIANTS['loss_only'], aleatoric_loss='kendall_gal'),
-    'loss_only+temperature+detached+mlp': dict(
-        _DETACHED, aleatoric_loss='temperature', model=dict(variance_hidden_dim=64)),
-    'loss_only+temperature+detached': dict(_DETACHED, aleatoric_loss='temperature'),
-    'loss_only+temperature+detached+hidden': dict(
-        _DETACHED, aleatoric_loss='temperature', model=dict(variance_input='hidden')),
-    'loss_only+temperature+mlp': dict(
-        VARIANTS['loss_only'], aleatoric_loss='temperature', model=dict(variance_hidden_dim=64)),
-    'loss_only+temperature+detached+hidden+mlp': dict(
-        _DETACHED, aleatoric_loss='temperature',
-        model=dict(variance_input='hidden', variance_hidden_dim=64)),
-    'A-GCA+temperature+detached+mlp+stop': dict(
-        _DETACHED, mode='mask', branch='both', aleatoric_loss='temperature', map_gradient='stop',
-        model=dict(variance_hidden_dim=64)),
-    'A-GCA+temperature+detached+mlp+cada_map': dict(
-        _DETACHED, mode='mask', branch='both', aleatoric_loss='temperature', map_gradient='stop',
-        map_source='variance', map_weighting='elementwise', normalisation='softmax',
-        variance_factor=True, model=dict(variance_hidden_dim=64)),
-    'A-GCA+temperature+detached+mlp+variance_map': dict(
-        _DETACHED, mode='mask', branch='both', aleatoric_loss='temperature', map_gradient='stop',
-        map_source='variance', model=dict(variance_hidden_dim=64)),
+    'A-GCA': VARIANTS['A-GCA'],
 }
 
 # Per preset: seeds, variants (default VARIANTS), and per dataset its config and the overrides
@@ -126,6 +140,9 @@ PRESETS = {
     'signal': dict(seeds=(0,), variants=SIGNAL_VARIANTS, datasets={
         'grounded_shapes_seed1': (grounded_shapes.get_config, dict(
             num_epochs=32.0, dataset_kwargs=dict(seed=1), **_EVALUATION)),
+    }),
+    'signal_test': dict(seeds=(0, 1, 2), variants=SIGNAL_TEST_VARIANTS, datasets={
+        'grounded_shapes': (grounded_shapes.get_config, dict(num_epochs=32.0, **_EVALUATION)),
     }),
 }
 SMOKE_MODEL = dict(stem_features=(8, 16), embed_dim=16, hidden_dim=32, attention_dim=16,
@@ -257,6 +274,49 @@ def table(records: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+# Two-sided 95% quantiles of Student's t for 1-10 degrees of freedom (the seeds a cell has, less
+# one); the normal's 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+PAIRED_COLUMNS = ('accuracy', 'ECE', 'AUROC wrong (pred. entropy)', 'Spearman, model attention')
+
+
+def paired(differences: list[float]) -> str:
+  """'mean [low, high]': the mean of per-seed paired differences and its 95% t-interval."""
+  n = len(differences)
+  mean = statistics.mean(differences)
+  if n < 2:
+    return f'{mean:+.4f}'
+  half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * statistics.stdev(differences) / n ** 0.5
+  return f'{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]'
+
+
+def paired_table(records: list[dict], baseline: str = 'baseline') -> str:
+  """Markdown: per dataset, each variant's difference from the baseline's run of the same seed
+  (variant - baseline), mean over the seeds both have, with its 95% t-interval."""
+  columns = dict(COLUMNS + MAP_COLUMNS)
+  lines = []
+  for dataset in dict.fromkeys(r['dataset'] for r in records):
+    runs = {(r['variant'], r['seed']): r['test'] for r in records
+            if r['dataset'] == dataset and 'diverged' not in r}
+    names = [c for c in PAIRED_COLUMNS if any(_get(t, columns[c]) is not None
+                                              for t in runs.values())]
+    lines += [f'### {dataset}: difference from the {baseline}, same seed (95% t-interval)', '',
+              '| variant | pairs | ' + ' | '.join(names) + ' |', '|---|---:|' + '---:|' * len(names)]
+    for variant in dict.fromkeys(v for v, _ in runs):
+      seeds = [s for v, s in runs if v == variant and (baseline, s) in runs]
+      if variant == baseline or not seeds:
+        continue
+      cells = []
+      for name in names:
+        diffs = [_get(runs[variant, s], columns[name]) - _get(runs[baseline, s], columns[name])
+                 for s in seeds if _get(runs[variant, s], columns[name]) is not None
+                 and _get(runs[baseline, s], columns[name]) is not None]
+        cells.append(paired(diffs) if diffs else 'n/a')
+      lines.append(f'| {variant} | {len(seeds)} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
 def machine() -> str:
   try:
     lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
@@ -309,7 +369,9 @@ def main(argv):
   total = sum(r['wall_time_s'] for r in finished)
   text = (f'Command: `{command.strip()}`\n\nMachine: {machine()}\n\n'
           f'Wall time: {total / 60:.0f} min, the sum of the {len(finished)} finished runs\n\n'
-          + table(records))
+          + table(records)
+          + ('\n' + paired_table(records) if any(r['variant'] == 'baseline' for r in records)
+             else ''))
   path = FLAGS.results or os.path.join(out, 'results.md')
   with open(path, 'w') as f:
     f.write(text)
