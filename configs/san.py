@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
       uncertainty_weight=1.0,  # loss = answer loss + uncertainty_weight * U.
       warmup=0.0,  # The first fraction of the steps trains the baseline; then U and the maps.
       variance_detach=True,  # True: no gradient from sigma2 into the trunk (False: published).
+      # What U trains: all (the variance head and, through the logits, the trunk; published) |
+      # variance_head (the logits held fixed in U).
+      uncertainty_trains='all',
       # The variance head's optimiser: main (the rest's Adam) | sgd (published: SGD of its own).
       variance_optimizer='main',
       variance_learning_rate=2e-4,  # Of the sgd variance optimiser.

@@ -15,7 +15,10 @@ from ucam_jax import evaluate, gca, models, uncertainty
 
 
 def _ucam(**overrides):
+  """config.ucam with the published recipe's switches (what these tests were written for), small
+  sample counts and `overrides`."""
   ucam = san.get_config().ucam
+  ucam.update(san.PUBLISHED_UCAM)
   ucam.update(aleatoric_samples=8, predictive_samples=3, **overrides)
   return ucam
 

@@ -40,8 +40,9 @@ def test_detached_variance_sends_no_gradient_into_the_trunk(variance_input):
   assert _trunk_gradient(attached) > 1e-4
   assert _trunk_gradient(detached) == 0
   # The head itself still learns, with the same gradient either way.
-  np.testing.assert_allclose(detached['params']['variance']['kernel'],
-                             attached['params']['variance']['kernel'], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               {k: v for k, v in detached['params'].items() if k.startswith('variance')},
+               {k: v for k, v in attached['params'].items() if k.startswith('variance')})
   # And U's gradient on the trunk is then the answer path's alone: the same as with sigma2 fixed.
   noise = uncertainty.sample_noise(jax.random.PRNGKey(1), 8, (len(labels), 13))
   targets = jax.nn.one_hot(labels, 13)
@@ -54,8 +55,28 @@ def test_detached_variance_sends_no_gradient_into_the_trunk(variance_input):
   sigma2 = gca.answer(model.apply, params, inputs)['sigma2']
   got = jax.grad(U)(params, True)['params']
   want = jax.grad(U)(params, True, sigma2)['params']
-  del got['variance'], want['variance']
+  for name in [k for k in got if k.startswith('variance')]:
+    del got[name], want[name]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), got, want)
+
+
+def test_uncertainty_that_trains_the_variance_head_alone_leaves_the_trunk_to_the_answer_loss():
+  model, params, features, labels = _setup()
+  weights, key = jnp.ones(len(labels)), jax.random.PRNGKey(3)
+
+  def grads(term, **switches):
+    ucam = _ucam(mode='loss_only', aleatoric_loss='temperature', variance_detach=True, **switches)
+    return jax.grad(lambda p: gca.forward(model.apply, p, features, labels, weights, key, ucam,
+                                          train=False)[0][term])(params)
+
+  head_only = grads('loss', uncertainty_trains='variance_head')
+  answer = grads('answer', uncertainty_trains='variance_head')
+  assert _trunk_gradient(grads('uncertainty')) > 1e-4  # 'all': U reaches the trunk via logits.
+  assert float(jnp.abs(head_only['params']['variance']['kernel']).max()) > 0
+  for name in [k for k in answer['params'] if k.startswith('variance')]:
+    del head_only['params'][name], answer['params'][name]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+               head_only, answer)
 
 
 def test_variance_optimizer_sgd_updates_the_head_with_sgd_and_the_rest_with_adam():

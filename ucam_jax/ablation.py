@@ -96,6 +96,10 @@ SIGNAL_VARIANTS = {
     'A-GCA+head+cada_map': _from_published(
         **_HEAD, mode='mask', branch='both', map_gradient='stop', map_source='variance',
         map_weighting='elementwise', normalisation='softmax', variance_factor=True),
+    'loss_only+head+trains_head': _from_published(**_HEAD, uncertainty_trains='variance_head'),
+    'A-GCA+head+variance_map+trains_head': _from_published(
+        **_HEAD, mode='mask', branch='both', map_gradient='stop', map_source='variance',
+        uncertainty_trains='variance_head'),
     'A-GCA+head+variance_map+warmup': _from_published(
         **_HEAD, mode='mask', branch='both', map_gradient='stop', map_source='variance',
         warmup=0.25),

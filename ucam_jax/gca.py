@@ -43,6 +43,7 @@ SWITCHES = {
     'map_gradient': ('through', 'stop'),
     'predictive_variance': ('raw', 'normalised'),
     'variance_optimizer': ('main', 'sgd'),
+    'uncertainty_trains': ('all', 'variance_head'),
 }
 
 
@@ -212,7 +213,12 @@ def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool
     return terms
 
   def loss_terms(out, predictive):
-    terms = uncertainty_of(out, predictive, soft(out['logits']))
+    # 'variance_head': U trains the variance head alone (its logits are held fixed); the trunk
+    # then learns from the answer loss and, in mode 'mask', through the maps only.
+    logits = out['logits']
+    if ucam.uncertainty_trains == 'variance_head':
+      logits = jax.lax.stop_gradient(logits)
+    terms = uncertainty_of(dict(out, logits=logits), predictive, soft(logits))
     terms['answer'] = answer_loss(out['logits'])
     terms['loss'] = terms['answer'] + ucam.uncertainty_weight * terms['uncertainty']
     return terms
