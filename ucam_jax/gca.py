@@ -4,8 +4,9 @@ One forward pass of a staged VQA model (see `ucam_jax.models`) under `config.uca
 
   mode 'none'       the baseline: the answer loss only.
   mode 'loss_only'  answer loss + U, where U is the aleatoric uncertainty L_AU (the published
-                    recipe, or the Kendall & Gal likelihood), the predictive one L_PU (the same
-                    recipe with sigma^2 replaced by the MC-dropout predictive variance), or both.
+                    recipe, the Kendall & Gal likelihood, the temperature likelihood or CADA's
+                    form; `uncertainty_term`), the predictive one L_PU (the same loss with sigma^2
+                    replaced by the MC-dropout predictive variance), or both.
   mode 'mask'       GCA: the certainty gradients -dU/dv (image grid) and -dU/de (word embeddings),
                     U taken with the model's own answer as its target (never the true answer,
                     which the maps would otherwise pass on to the second pass),
@@ -18,6 +19,15 @@ One forward pass of a staged VQA model (see `ucam_jax.models`) under `config.uca
                     Two more switches of the map itself: sign 'uncertainty' weights the channels
                     by +dU/dA instead of the certainty gradient, and normalisation 'min_max'
                     rescales the map's [min, max] to [0, 1] instead of ReLU and max.
+
+The switches of CADA (the same lab's released sibling method) and of the uncertainty's training:
+map_source 'variance' differentiates the predicted variance instead of U; map_weighting
+'elementwise' keeps each position's own gradient; normalisation 'softmax'; variance_factor scales
+each map by clip(1 - variance, 0, 1); map_gradient 'stop' holds the maps fixed in the loss (they
+depend on A even at first order). variance_detach stops sigma2's gradient at the variance head's
+input; uncertainty_trains 'variance_head' holds the logits fixed in U; uncertainty_weight scales
+U in the loss; predictive_variance 'normalised' bounds L_PU. The maps always see every path of
+their source (no detach): they are gradients with respect to the features, not the parameters.
 
 The same function serves training (dropout on) and evaluation (dropout off): the maps, and so
 the answers, depend on the input only; the targets enter the loss terms alone.
