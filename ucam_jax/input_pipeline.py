@@ -185,13 +185,13 @@ def visual_reader(builder, split: str, source, table: QuestionTable, config):
   the questions use with grids of `config.grid_shape`."""
   if check_features(config) == 'image':
     if 'image' not in builder.info.features:
-      raise ValueError(f'{builder.name}/{builder.builder_config.name} stores no images; with '
+      raise ValueError(f'vqa/{builder.builder_config.name} stores no images; with '
                        "config.features='image' choose an image config (e.g. 'vqa/v1'), or "
                        "set config.features='grid'.")
     return ImageReader(source)
   if not isinstance(builder, vqa.Vqa):
     raise ValueError("config.features='grid' reads VQA grid-feature stores; "
-                     f"{builder.name} has images: set config.features='image'.")
+                     f"{config.dataset} has images: set config.features='image'.")
   if not config.get('grid_shape'):
     raise ValueError("config.features='grid' needs config.grid_shape, the [h, w, c] of the "
                      'stored grids (ResNet-152 at 448 px: (14, 14, 2048)).')
