@@ -8,10 +8,11 @@
   api.figure(images[0], {k: m[0] for k, m in out['maps'].items()})  # a matplotlib Figure
 
 Answers and maps come from the evaluation's own step (`evaluate.explain_questions`, which
-answers through `evaluate.eval_step`), jitted once per run: in GCA mode (`config.ucam.mode='mask'`) the answer is that of the
-second pass, with the certainty mask, exactly as the run's reported test accuracy counts it; the
-questions go in batches of `config.eval_batch_size`, padded, with the evaluation's keys, so the
-test split answered in order reproduces the evaluation question for question.
+answers through `evaluate.eval_step`), jitted once per run: in GCA mode (`config.ucam.mode=
+'mask'`) the answer is that of the second pass, with the certainty mask, as the run's reported
+test accuracy counts it (`model.apply` alone is the first pass). The questions go in batches of
+`config.eval_batch_size`, padded, with the evaluation's keys, so the test split answered in
+order reproduces the evaluation question for question.
 
 Images: [n, H, W, 3] uint8 (or a list of arrays or PIL images), resized to the run's input
 size when they differ. Models on precomputed grid features (VQA `features='grid'`) take no
