@@ -183,22 +183,25 @@ def answer(run: Run, images, questions: Sequence[str], *, mc_dropout: bool = Fal
           'probs': out['probs'], 'mc_probs': out['mc_probs'], **scores}
 
 
-def explain(run: Run, images, questions: Sequence[str], methods: Sequence[str] = MAPS[:-1], *,
-            key: jax.Array | None = None) -> dict:
+def explain(run: Run, images, questions: Sequence[str], methods: Sequence[str] | None = None,
+            *, key: jax.Array | None = None) -> dict:
   """The maps of the run's own answers, at image resolution.
 
   Returns 'maps': {method: [n, H, W] in [0, 1]}; 'word_certainty' [n, length] (U-CAM over the
   word embeddings) with 'words' (each question's words as the model read them); 'answer'.
   methods: of `MAPS`: 'model_attention' (mean over hops; in GCA mode the first pass's),
   'gca_attention' (after the certainty mask; GCA mode only), 'gradcam' (of the answer's logit),
-  'ucam' (of the uncertainty U of `config.ucam`), 'random' (the chance level). Each is scaled
-  to its maximum, then resized bilinearly from the model grid.
+  'ucam' (of the uncertainty U of `config.ucam`), 'random' (the chance level); default: every
+  one the run has but 'random'. Each is scaled to its maximum, then resized bilinearly from the
+  model grid.
   """
-  unknown = [m for m in methods if m not in MAPS]
+  unknown = [m for m in methods or () if m not in MAPS]
   if unknown:
     raise ValueError(f'Unknown map types {unknown}; choose from {list(MAPS)}.')
   out = _outputs(run, images, questions, key)
   grid = evaluate.map_types(out)
+  if methods is None:
+    methods = [m for m in MAPS if m in grid and m != 'random']
   if 'gca_attention' in methods and 'gca_attention' not in grid:
     raise ValueError("'gca_attention' exists only in GCA mode (config.ucam.mode='mask'); this "
                      f"run was trained with mode {run.config.ucam.mode!r}.")
