@@ -261,7 +261,7 @@ def test_processes_read_the_rows_of_the_batches_one_process_reads(monkeypatch):
 def no_cluster(monkeypatch):
   """No cluster in the environment, and jax.distributed.initialize recorded, not run."""
   for name in list(os.environ):
-    if name.startswith(('SLURM_', 'OMPI_', 'TPU_', 'JAX_COORDINATOR')):
+    if name.startswith(('SLURM_', 'OMPI_', 'TPU_', 'MEGASCALE_', 'JAX_COORDINATOR')):
       monkeypatch.delenv(name)
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda *args: calls.append(args))
@@ -281,6 +281,16 @@ def test_a_single_process_never_starts_the_distributed_runtime(no_cluster, monke
   assert distributed.detected_cluster() == ('slurm', 1)
   assert not distributed.initialize()
   assert no_cluster == []
+
+
+def test_clusters_are_detected_from_their_environment(no_cluster, monkeypatch):
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')  # GKE, a 4-worker slice
+  assert distributed.detected_cluster() == ('tpu', 4)
+  monkeypatch.setenv('MEGASCALE_NUM_SLICES', '2')
+  assert distributed.detected_cluster() == ('tpu', 8)
+  monkeypatch.setenv('OMPI_MCA_orte_hnp_uri', '1234.0;tcp://10.0.0.1:5678')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '3')
+  assert distributed.detected_cluster() == ('ompi', 3)
 
 
 def test_several_processes_start_it(no_cluster, monkeypatch):

@@ -205,9 +205,46 @@ def test_explain_jits_and_gives_maps_over_the_spatial_axes(name, method):
   assert np.all((maps >= 0) & (maps <= 1))
 
 
+def logit_of(outputs, classes):
+  """The logit of each example's own class: classes [batch]."""
+  return jnp.take_along_axis(outputs, classes[:, None], axis=-1)[:, 0]
+
+
+@pytest.mark.parametrize('method', ['gradcam', 'ucam'])
+def test_per_example_targets_give_each_example_its_own_map(method):
+  model, variables, images = grid_setup()
+  classes = jnp.array([1, 3, 0])
+  maps = explain.explain(model.apply, variables, (images,), 'grid', logit_of, method,
+                         targets=classes)
+  for n in range(BATCH):
+    alone = explain.explain(model.apply, variables, (images,), 'grid',
+                            lambda y, c=int(classes[n]): y[:, c], method)
+    np.testing.assert_allclose(maps[n], alone[n], rtol=1e-5, atol=1e-6)
+  first = explain.explain(model.apply, variables, (images,), 'grid', target, method)
+  assert np.abs(maps[1] - first[1]).max() > 1e-3  # not class 1's map for every example
+
+
+class Opaque(nn.Module):
+  """A model without the perturb / sow contract."""
+
+  @nn.compact
+  def __call__(self, images):
+    return nn.Dense(4)(images.reshape(images.shape[0], -1))
+
+
 def test_errors_name_the_problem():
   model, variables, images = grid_setup()
   with pytest.raises(ValueError, match='nope'):
     explain.activations_and_gradients(model.apply, variables, (images,), 'nope', target)
   with pytest.raises(ValueError, match='Unknown method'):
     explain.explain(model.apply, variables, (images,), 'grid', target, method='cam')
+  with pytest.raises(ValueError, match='one scalar per example'):
+    explain.explain(model.apply, variables, (images,), 'grid', lambda y: y[:, 1].sum() * 0 + 1.0)
+  classes = jnp.array([1, 3, 0])  # Closed over: each example sees a batch of one.
+  with pytest.raises(ValueError, match='targets='):
+    explain.explain(model.apply, variables, (images,), 'grid',
+                    lambda y: y[jnp.arange(BATCH), classes])
+  opaque = Opaque()
+  with pytest.raises(ValueError, match=r'self\.perturb'):
+    explain.explain(opaque.apply, opaque.init(jax.random.key(0), images), (images,), 'grid',
+                    target)

@@ -7,28 +7,56 @@ into a step at which every process saves a checkpoint and stops.
 """
 
 import contextlib
+import glob
 import os
 import signal
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import jax
 from jax.experimental import multihost_utils
 
 
+def _tpu_workers() -> int | None:
+  """The number of workers of the Cloud TPU slice this VM belongs to, or None off Cloud TPU.
+
+  GKE sets TPU_WORKER_HOSTNAMES (or TPU_PROCESS_ADDRESSES); a TPU VM lists its slice's workers
+  in the GCE metadata attribute `worker-network-endpoints`, asked only where TPU chips are
+  attached (/dev/accel*, /dev/vfio/N) so that no other machine waits on the network.
+  """
+  hosts = os.environ.get('TPU_PROCESS_ADDRESSES') or os.environ.get('TPU_WORKER_HOSTNAMES')
+  if hosts is None and (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
+    server = os.environ.get('GCE_METADATA_IP', 'metadata.google.internal')
+    request = urllib.request.Request(
+        f'http://{server}/computeMetadata/v1/instance/attributes/worker-network-endpoints',
+        headers={'Metadata-Flavor': 'Google'})
+    try:
+      with urllib.request.urlopen(request, timeout=5) as response:
+        hosts = response.read().decode()
+    except OSError:  # Not a Cloud TPU VM (or no metadata server): not a TPU slice.
+      return None
+  if not hosts:
+    return None
+  return len(hosts.split(',')) * int(os.environ.get('MEGASCALE_NUM_SLICES') or 1)
+
+
 def detected_cluster() -> tuple[str, int] | None:
   """(name, number of processes) of the cluster this process runs in, or None.
 
-  JAX's own detectors, so that this agrees with what `jax.distributed.initialize()` finds. Left
-  out: Kubernetes (it queries the cluster's API, which a single-host run inside a pod must not)
-  and mpi4py (opt-in in JAX too); use the explicit coordinator there.
+  The environments that `jax.distributed.initialize()` detects by itself, read from what the
+  schedulers document (JAX has no public API for its detectors): a SLURM step, Open MPI's
+  mpirun, a Cloud TPU slice. Left out: Kubernetes (it queries the cluster's API, which a
+  single-host run inside a pod must not) and mpi4py (opt-in in JAX too); use the explicit
+  coordinator there.
   """
-  from jax._src import clusters  # No public API names JAX's cluster detectors.
-  for env in (clusters.SlurmCluster, clusters.OmpiCluster, clusters.GceTpuCluster,
-              clusters.GkeTpuCluster):
-    if env.is_env_present():
-      return env.name, env.get_process_count()
-  return None
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+  if all(name in os.environ for name in slurm):
+    return 'slurm', int(os.environ['SLURM_NTASKS'])
+  if 'OMPI_MCA_orte_hnp_uri' in os.environ:  # Set by mpirun / mpiexec only.
+    return 'ompi', int(os.environ['OMPI_COMM_WORLD_SIZE'])
+  workers = _tpu_workers()
+  return None if workers is None else ('tpu', workers)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -50,8 +50,8 @@ def _find(tree: Mapping, layer: str, collection: str):
 
 
 def activations_and_gradients(apply_fn: Callable, variables: Mapping, inputs: tuple, layer: str,
-                              target_fn: Callable[[Any], jax.Array], *,
-                              apply_kwargs: Mapping | None = None
+                              target_fn: Callable[..., jax.Array], *,
+                              apply_kwargs: Mapping | None = None, targets: Any = None
                               ) -> tuple[jax.Array, jax.Array]:
   """The exposed intermediate `layer` and the gradient of each example's target w.r.t. it.
 
@@ -63,8 +63,11 @@ def activations_and_gradients(apply_fn: Callable, variables: Mapping, inputs: tu
     inputs: arrays (or pytrees) with a leading batch axis.
     layer: the name the model gave `perturb` and `sow`.
     target_fn: model outputs -> `[batch]` scalars to differentiate (an answer logit, an
-      uncertainty).
+      uncertainty); with `targets`, `target_fn(outputs, targets)`.
     apply_kwargs: extra keyword arguments for `apply_fn`, e.g. `{'deterministic': True}`.
+    targets: optional per-example arguments of `target_fn` (e.g. classes `[batch]`), any pytree
+      with a leading batch axis. Each example's call gets its own rows: a `target_fn` that
+      closed over `[batch]` classes would see a batch of one and index them wrongly.
 
   Returns:
     (activation, gradient), both `[batch, ..., k]`: d target_n / d activation_n.
@@ -77,12 +80,18 @@ def activations_and_gradients(apply_fn: Callable, variables: Mapping, inputs: tu
   apply_kwargs = dict(apply_kwargs or {})
   variables = {c: v for c, v in variables.items() if c not in _EXPOSED}
 
-  def one(example):
-    example = jax.tree.map(lambda x: x[None], example)
+  def one(example, target_args):
+    example, target_args = jax.tree.map(lambda x: x[None], (example, target_args))
 
     # Zero perturbations of the right shapes, for every exposed name, from an abstract pass.
     _, shapes = jax.eval_shape(
         lambda v, e: apply_fn(v, *e, mutable=list(_EXPOSED), **apply_kwargs), variables, example)
+    missing = [c for c in _EXPOSED if c not in shapes]
+    if missing:
+      raise ValueError(
+          f'The model exposes no intermediate (no {missing} collection): inside the model, '
+          f"write `x = self.perturb({layer!r}, x)` and `self.sow('intermediates', {layer!r}, x)` "
+          'on the activation to explain (see the ucam_jax.explain docstring).')
     perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['perturbations'])
     p_path = _find(perturbations, layer, 'perturbations')
     a_path = _find(shapes['intermediates'], layer, 'intermediates')
@@ -94,13 +103,19 @@ def activations_and_gradients(apply_fn: Callable, variables: Mapping, inputs: tu
       outputs, state = apply_fn({**variables, 'perturbations': perturbations}, *example,
                                 mutable=['intermediates'], **apply_kwargs)
       sown = flax.traverse_util.flatten_dict(state['intermediates'], sep='/')[a_path]
-      return target_fn(outputs)[0], sown[0]
+      value = target_fn(outputs) if targets is None else target_fn(outputs, target_args)
+      if jnp.shape(value) != (1,):
+        raise ValueError(
+            f'target_fn must return one scalar per example, [batch]; on a batch of one it '
+            f'returned shape {jnp.shape(value)}. Reduce over classes, not the batch, and pass '
+            'per-example classes as `targets=` rather than closing over them.')
+      return value[0], sown[0]
 
     grads, activation = jax.grad(target, has_aux=True)(perturbations)
     gradient = flax.traverse_util.flatten_dict(grads, sep='/')[p_path]
     return activation[0], gradient[0]
 
-  return jax.vmap(one)(tuple(inputs))
+  return jax.vmap(one)(tuple(inputs), targets)
 
 
 # --------------------------------------------------------------------------- channel weights
@@ -162,14 +177,15 @@ def cam(A: jax.Array, G: jax.Array, weights_fn: WeightsFn, normalise: bool = Tru
 
 
 def explain(apply_fn: Callable, variables: Mapping, inputs: tuple, layer: str,
-            target_fn: Callable[[Any], jax.Array], method: str = 'gradcam',
-            apply_kwargs: Mapping | None = None) -> jax.Array:
+            target_fn: Callable[..., jax.Array], method: str = 'gradcam',
+            apply_kwargs: Mapping | None = None, targets: Any = None) -> jax.Array:
   """Normalised maps [batch, spatial...] of `method` (a key of METHODS) over `layer`.
 
-  For 'ucam', `target_fn` should return an uncertainty; for the others, a score.
+  For 'ucam', `target_fn` should return an uncertainty; for the others, a score. `targets`:
+  per-example arguments of `target_fn`, see `activations_and_gradients`.
   """
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r}; expected one of {sorted(METHODS)}.')
   A, G = activations_and_gradients(apply_fn, variables, inputs, layer, target_fn,
-                                   apply_kwargs=apply_kwargs)
+                                   apply_kwargs=apply_kwargs, targets=targets)
   return cam(A, G, METHODS[method])

@@ -39,11 +39,13 @@ VISUAL_KEYS = ('image', 'grid')  # The examples' visual input (vqa: one of them,
 SKIP = tfds.decode.SkipDecoding()
 
 
-def get_builder(config, dataset: str | None = None) -> tfds.core.DatasetBuilder:
+def get_builder(config, dataset: str | None = None,
+                prepare: bool = True) -> tfds.core.DatasetBuilder:
   """The dataset's TFDS builder, prepared (built once into `config.data_dir`) on first use.
 
   `dataset` (default `config.dataset`) is a builder name, or 'name/config' (e.g. 'vqa/v1').
   An optional `config.dataset_kwargs` (a ConfigDict) holds the builder's own settings.
+  prepare=False: only its description (features, answer names), nothing read or built.
   """
   name, _, builder_config = (dataset or config.dataset).partition('/')
   if name not in BUILDERS:
@@ -53,7 +55,8 @@ def get_builder(config, dataset: str | None = None) -> tfds.core.DatasetBuilder:
   if builder_config:
     kwargs['config'] = builder_config
   builder = BUILDERS[name](data_dir=data_dir, **kwargs)
-  builder.download_and_prepare()
+  if prepare:
+    builder.download_and_prepare()
   return builder
 
 
@@ -185,13 +188,13 @@ def visual_reader(builder, split: str, source, table: QuestionTable, config):
   the questions use with grids of `config.grid_shape`."""
   if check_features(config) == 'image':
     if 'image' not in builder.info.features:
-      raise ValueError(f'{builder.name}/{builder.builder_config.name} stores no images; with '
+      raise ValueError(f'vqa/{builder.builder_config.name} stores no images; with '
                        "config.features='image' choose an image config (e.g. 'vqa/v1'), or "
                        "set config.features='grid'.")
     return ImageReader(source)
   if not isinstance(builder, vqa.Vqa):
     raise ValueError("config.features='grid' reads VQA grid-feature stores; "
-                     f"{builder.name} has images: set config.features='image'.")
+                     f"{config.dataset} has images: set config.features='image'.")
   if not config.get('grid_shape'):
     raise ValueError("config.features='grid' needs config.grid_shape, the [h, w, c] of the "
                      'stored grids (ResNet-152 at 448 px: (14, 14, 2048)).')

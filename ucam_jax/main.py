@@ -14,7 +14,8 @@ from ml_collections import config_flags
 from ucam_jax import distributed, hugepages, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/san.py.',
+config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/san.py, or the name '
+                                'of a shipped one, e.g. san.',
                                 lock_config=True)
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train: train (or resume), then evaluate '
                   'on the test split. eval: only evaluate the latest checkpoint in --workdir.')
@@ -28,8 +29,24 @@ flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1.'
 flags.mark_flags_as_required(['config'])
 
 
+def shipped_config(value: str) -> str:
+  """--config's file: as given when it exists, else the shipped config of that name (`san`,
+  `configs/san.py`, `san.py:arg`) from the installed `configs` package, so a pip-installed
+  package runs its configs from any directory."""
+  path, colon, arg = value.partition(':')
+  if os.path.exists(path):
+    return value
+  import configs  # pylint: disable=import-outside-toplevel
+  name = os.path.basename(path)
+  shipped = os.path.join(os.path.dirname(configs.__file__),
+                         name if name.endswith('.py') else name + '.py')
+  return shipped + colon + arg if os.path.exists(shipped) else value
+
+
 def parse_flags(argv):
   """absl parsing, with a clear message for a --config.key that the config does not have."""
+  argv = [f'--config={shipped_config(a[len("--config="):])}' if a.startswith('--config=') else a
+          for a in argv]
   try:
     return FLAGS(argv)
   except flags.Error as e:

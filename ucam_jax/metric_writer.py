@@ -2,13 +2,10 @@
 
 import json
 
-import matplotlib
 from etils import epath
+from matplotlib.figure import Figure
 
 from ucam_jax import storage
-
-matplotlib.use('Agg')  # Files only; no display needed.
-import matplotlib.pyplot as plt  # noqa: E402
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -39,19 +36,24 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(workdir: epath.PathLike, filename: str = 'curves.png') -> str:
-  """One panel per metric name, value against step; returns the path of the PNG."""
+def curves_figure(workdir: epath.PathLike) -> Figure:
+  """One panel per metric name of metrics.jsonl, value against step. A bare Figure, not pyplot:
+  no backend is chosen here, so a notebook keeps its inline plots."""
   records = read_metrics(workdir)
   names = sorted({k for r in records for k in r if k != 'step'})
-  fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 2.8),
-                           squeeze=False)
+  fig = Figure(figsize=(3.2 * max(len(names), 1), 2.8))
+  axes = fig.subplots(1, max(len(names), 1), squeeze=False)
   for ax, name in zip(axes[0], names):
     points = [(r['step'], r[name]) for r in records if name in r]
     ax.plot(*zip(*points), marker='.' if len(points) < 20 else None)
     ax.set_title(name, fontsize=9)
     ax.set_xlabel('step', fontsize=8)
   fig.tight_layout()
+  return fig
+
+
+def plot_curves(workdir: epath.PathLike, filename: str = 'curves.png') -> str:
+  """Writes `curves_figure` to workdir/filename; returns the path of the PNG."""
   path = epath.Path(workdir) / filename
-  storage.savefig(fig, path, dpi=90)
-  plt.close(fig)
+  storage.savefig(curves_figure(workdir), path, dpi=90)
   return str(path)

@@ -23,7 +23,7 @@ from ucam_jax import metrics, storage
 REPORT_DIR = 'report'
 
 
-def _overlay(ax, image, heatmap, title):
+def overlay(ax, image, heatmap, title):
   """The image with a map over it, scaled to its maximum (attention sums to 1, maps peak at 1)."""
   ax.imshow(image)
   if heatmap is not None:
@@ -39,7 +39,7 @@ def figure(path, image, words, certainty, caption, maps: dict) -> None:
   """One question's PNG: image panels over a bar chart of word certainty."""
   fig = Figure(figsize=(2.0 * (len(maps) + 1), 3.6))
   grid = fig.add_gridspec(2, len(maps) + 1, height_ratios=(3, 1.1))
-  _overlay(fig.add_subplot(grid[0, 0]), image, None, 'image')
+  overlay(fig.add_subplot(grid[0, 0]), image, None, 'image')
   for i, (title, heatmap) in enumerate(maps.items(), start=1):
     ax = fig.add_subplot(grid[0, i])
     if heatmap is None:
@@ -47,7 +47,7 @@ def figure(path, image, words, certainty, caption, maps: dict) -> None:
       ax.set_title(title, fontsize=8)
       ax.axis('off')
     else:
-      _overlay(ax, image, heatmap, title)
+      overlay(ax, image, heatmap, title)
   bars = fig.add_subplot(grid[1, :])
   bars.bar(range(len(words)), certainty[:len(words)], color='tab:green')
   bars.set_xticks(range(len(words)), words, fontsize=8, parse_math=False)

@@ -73,8 +73,12 @@ def encode_png(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-class EasyVqa(tfds.core.GeneratorBasedBuilder):
+class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """easy-VQA: 64x64 images of one coloured shape, templated questions, 13 answers."""
+
+  # A name of our own, and no entry in TFDS's global registry (we build the class directly): an
+  # import never collides with another library's builder of the same dataset.
+  name = 'ucam_easy_vqa'
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'easy-vqa 1.0 from PyPI, with shape masks.'}

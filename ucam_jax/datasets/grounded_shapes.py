@@ -310,8 +310,10 @@ def summary(split: str, num_images: int, questions: list[Question]) -> str:
   return '\n'.join(lines)
 
 
-class GroundedShapes(tfds.core.GeneratorBasedBuilder):
+class GroundedShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Several coloured shapes per image; questions whose ground-truth attention is exact."""
+
+  name = 'ucam_grounded_shapes'  # Not registered with TFDS: see datasets.easy_vqa.EasyVqa.
 
   # Bump on any change to what the generator draws: the build directory is named by the version
   # and the settings, so an old build would otherwise be reused.

@@ -373,8 +373,10 @@ def _load_json(path: str, key: str) -> list[dict]:
                      'download it again.') from e
 
 
-class Vqa(tfds.core.GeneratorBasedBuilder):
+class Vqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """VQA v1 / v2 (and VQA-HAT) from the official files in a manual directory."""
+
+  name = 'ucam_vqa'  # Not registered with TFDS (whose own 'vqa' names may collide): see EasyVqa.
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'VQA v1 / v2 from the official JSON and COCO images; VQA-HAT val.'}
