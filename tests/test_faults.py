@@ -338,6 +338,22 @@ def test_a_damaged_dataset_record_names_its_file_and_says_rebuild(small_data_dir
   assert not (tmp_path / 'run' / 'config.json').exists()
 
 
+def test_a_killed_dataset_build_is_cleaned_at_the_next_start(small_data_dir, tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(small_data_dir, data_dir)
+  prepared = _tree(data_dir)
+  leftover = os.path.join(data_dir, 'easy_vqa', 'incomplete.K1LLED_1.0.0')
+  os.makedirs(leftover)
+  with open(os.path.join(leftover, 'easy_vqa-train.array_record-00000-of-00001'), 'wb') as f:
+    f.write(b'half a shard')
+  builder = input_pipeline.get_builder(_config(data_dir))
+  assert not os.path.exists(leftover)
+  after = _tree(data_dir)
+  for tree in (prepared, after):
+    tree.pop(os.path.join('easy_vqa', '.build.lock'), None)  # Each build's lock.
+  assert after == prepared and builder.info.splits['train'].num_examples > 0
+
+
 def test_a_damaged_workdir_json_file_names_its_path(workdir, small_data_dir):
   path = os.path.join(workdir, 'vocabulary.json')
   with open(path, 'w') as f:

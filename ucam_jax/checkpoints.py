@@ -1,7 +1,8 @@
 """Orbax checkpoints that are verified before they are trusted.
 
-Orbax checks no array data on restore (only the zarr3 shard index carries a crc32c), so bytes
-flipped on disk came back as nan parameters, silently. Each save therefore records, in the
+Orbax does not verify the array values that it restores: bytes flipped in the latest
+checkpoint of a default run came back as nan parameters, silently, and the run overwrote the
+earlier run's results with them (issue 16). Each save therefore records, in the
 step's own Orbax metadata (`custom_metadata`), the dtype, shape and SHA-256 of every array of
 the state; a restore recomputes them and checks that every float is finite. A checkpoint that
 fails (its files unreadable, truncated or missing; a digest that differs; nan or inf) is
@@ -19,7 +20,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ucam_jax import storage
-from ucam_jax.errors import RunError
+from ucam_jax.errors import ConfigError, RunError
 
 DIGEST_KEY = 'array_digests'
 DAMAGED_DIR = 'checkpoints_damaged'
@@ -29,7 +30,7 @@ class DamagedCheckpoint(RunError):
   """A checkpoint whose data cannot be trusted; the message is one line: step, path, cause."""
 
 
-class SaveFailed(RunError, OSError):
+class SaveFailed(RunError):
   """A save that did not complete (a full disk, no permission); the run stops at that step."""
 
 
@@ -106,7 +107,7 @@ def _check_structure(recorded: dict[str, str], expected: dict[str, str]) -> None
   recorded = {k: v.rsplit(' ', 1)[0] for k, v in recorded.items()}
   if recorded != expected:
     changed = sorted(set(recorded.items()) ^ set(expected.items()))
-    raise ValueError(
+    raise ConfigError(
         'The checkpoints do not fit this config (they were written by a run with another model '
         f'or optimiser; see config.json): e.g. {changed[0][0]} {changed[0][1]}. Resume with the '
         'same config, or start afresh with a new --workdir.')
@@ -114,7 +115,7 @@ def _check_structure(recorded: dict[str, str], expected: dict[str, str]) -> None
 
 def restore_verified(checkpoints: ocp.CheckpointManager, step: int, abstract):
   """The state saved at `step`, restored into `abstract` (a tree of ShapeDtypeStructs) and
-  verified; raises DamagedCheckpoint, or ValueError when it is another model's."""
+  verified; raises DamagedCheckpoint, or ConfigError when it is another model's."""
   path = checkpoints.directory / str(step)
   try:
     recorded = (checkpoints.metadata(step).custom_metadata or {}).get(DIGEST_KEY)

@@ -19,8 +19,10 @@ visual input (`encode_image`).
 
 import collections
 import dataclasses
-
+import fcntl
+import glob
 import os
+import shutil
 
 import grain
 import jax
@@ -28,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_sources
 
-from ucam_jax import vqa_answers
+from ucam_jax import storage, vqa_answers
 from ucam_jax.datasets import vqa
 from ucam_jax.datasets.easy_vqa import EasyVqa
 from ucam_jax.datasets.grounded_shapes import GroundedShapes
@@ -55,8 +57,31 @@ def get_builder(config, dataset: str | None = None) -> tfds.core.DatasetBuilder:
   if builder_config:
     kwargs['config'] = builder_config
   builder = BUILDERS[name](data_dir=data_dir, **kwargs)
-  builder.download_and_prepare()
+  prepare(builder)
   return builder
+
+
+def prepare(builder) -> None:
+  """`builder.download_and_prepare()`, one build at a time per dataset directory (runs with
+  other workdirs may share the data directory): an flock on its .build.lock, under which the
+  `incomplete.*` directories that killed builds left behind are deleted first (TFDS builds into
+  one and renames it when complete, so under the lock none is a live build's). A directory that
+  cannot be written (a shared, prepared dataset) is only read."""
+  root, lock = os.path.dirname(os.fspath(builder.data_dir)), None
+  if storage.is_local(root):
+    try:
+      os.makedirs(root, exist_ok=True)
+      lock = open(os.path.join(root, '.build.lock'), 'a')
+    except OSError:
+      pass
+  if lock is None:
+    builder.download_and_prepare()
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Waits for another run's build to end.
+    for path in glob.glob(os.path.join(root, 'incomplete.*')):
+      shutil.rmtree(path)
+    builder.download_and_prepare()
 
 
 def is_vqa(builder) -> bool:

@@ -244,7 +244,7 @@ def check_same_model(workdir: str, config) -> None:
   changed = sorted(k for k in (saved.keys() | current.keys()) - {'dtype'}
                    if saved.get(k) != current.get(k))
   if changed:
-    raise ValueError(
+    raise ConfigError(
         f'The checkpoints in {workdir} do not fit this config: model ' + ', '.join(
             f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in changed)
         + '. Resume with the same config, or start afresh with a new --workdir.')
@@ -365,7 +365,7 @@ _EVALUATION_KEYS = ('dataset', 'dataset_kwargs', 'features', 'max_question_lengt
 
 
 def check_same_evaluation(workdir: str, config) -> None:
-  """Raises ValueError naming the `_EVALUATION_KEYS` in which `config` differs from the
+  """Raises ConfigError naming the `_EVALUATION_KEYS` in which `config` differs from the
   training run's config.json: the checkpoint would be evaluated as it was not trained."""
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
@@ -374,7 +374,7 @@ def check_same_evaluation(workdir: str, config) -> None:
   changed = [f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in _EVALUATION_KEYS
              if saved.get(k) != current.get(k)]
   if changed:
-    raise ValueError(f'The checkpoints in {workdir} were trained with another config: '
+    raise ConfigError(f'The checkpoints in {workdir} were trained with another config: '
                      + '; '.join(changed) + f'. Evaluate with the config of {path}.')
 
 
