@@ -44,7 +44,9 @@ def manager(workdir: str, max_to_keep: int | None = None,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=False,
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(storage.absolute(workdir) / 'checkpoints', options=options)
+  # The handler named, so that reading a step's metadata does not warn that it has none.
+  return ocp.CheckpointManager(storage.absolute(workdir) / 'checkpoints', options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _local_value(x) -> np.ndarray:
