@@ -19,18 +19,22 @@ visual input (`encode_image`).
 
 import collections
 import dataclasses
-
+import fcntl
+import glob
 import os
+import shutil
 
 import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import base as tfds_sources
 
-from ucam_jax import vqa_answers
+from ucam_jax import storage, vqa_answers
 from ucam_jax.datasets import vqa
 from ucam_jax.datasets.easy_vqa import EasyVqa
 from ucam_jax.datasets.grounded_shapes import GroundedShapes
+from ucam_jax.errors import RunError
 from ucam_jax.text import Vocabulary
 
 BUILDERS = {'easy_vqa': EasyVqa, 'grounded_shapes': GroundedShapes, 'vqa': vqa.Vqa}
@@ -56,8 +60,31 @@ def get_builder(config, dataset: str | None = None,
     kwargs['config'] = builder_config
   builder = BUILDERS[name](data_dir=data_dir, **kwargs)
   if prepare:
-    builder.download_and_prepare()
+    build_once(builder)
   return builder
+
+
+def build_once(builder) -> None:
+  """`builder.download_and_prepare()`, one build at a time per dataset directory (runs with
+  other workdirs may share the data directory): an flock on its .build.lock, under which the
+  `incomplete.*` directories that killed builds left behind are deleted first (TFDS builds into
+  one and renames it when complete, so under the lock none is a live build's). A directory that
+  cannot be written (a shared, prepared dataset) is only read."""
+  root, lock = os.path.dirname(os.fspath(builder.data_dir)), None
+  if storage.is_local(root):
+    try:
+      os.makedirs(root, exist_ok=True)
+      lock = open(os.path.join(root, '.build.lock'), 'a')
+    except OSError:
+      pass
+  if lock is None:
+    builder.download_and_prepare()
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Waits for another run's build to end.
+    for path in glob.glob(os.path.join(root, 'incomplete.*')):
+      shutil.rmtree(path)
+    builder.download_and_prepare()
 
 
 def is_vqa(builder) -> bool:
@@ -80,7 +107,56 @@ def data_source(builder, split: str, with_mask: bool = False, features: str = 'i
   if features == 'grid':
     skipped += VISUAL_KEYS
   decoders = {k: SKIP for k in skipped if k in features_of}
-  return builder.as_data_source(split, decoders=decoders or None)
+  return CheckedSource(builder.as_data_source(split, decoders=decoders or None))
+
+
+class DamagedDataset(RunError):
+  """A dataset record that fails its checksum."""
+
+
+class CheckedSource:
+  """A TFDS data source whose damaged records raise DamagedDataset naming the file and what to
+  do: array_record's own error ('Corrupted Riegeli/records file ... at byte N') names neither,
+  and every rerun met it again."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)
+
+  def __getitem__(self, index):
+    try:
+      return self.source[index]
+    except RuntimeError as e:
+      self._raise_if_damaged(e, index)
+      raise
+
+  def __getitems__(self, indices):
+    try:
+      return self.source.__getitems__(indices)
+    except RuntimeError as e:
+      for index in indices:  # Which record: only on this rare path.
+        self[index]
+      self._raise_if_damaged(e, indices[0])
+      raise
+
+  def _raise_if_damaged(self, error: RuntimeError, index: int) -> None:
+    if 'Riegeli' not in str(error):
+      return
+    index, path = int(index), None
+    for instruction in tfds_sources.file_instructions(self.source.dataset_info, self.source.split):
+      if index < instruction.take:
+        path = instruction.filename
+        break
+      index -= instruction.take
+    directory = os.path.dirname(path) if path else self.source.dataset_info.data_dir
+    raise DamagedDataset(
+        f'The dataset file {path or directory} is damaged ({error}). Rebuild the dataset: '
+        f'delete {directory} and rerun, which builds it again.') from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +178,8 @@ class QuestionTable:
 def question_table(builder, split: str) -> QuestionTable:
   features = builder.info.features
   skipped = ('mask', *VISUAL_KEYS)
-  source = builder.as_data_source(split, decoders={k: SKIP for k in skipped if k in features})
+  source = CheckedSource(
+      builder.as_data_source(split, decoders={k: SKIP for k in skipped if k in features}))
   # Chunked reads: array_record reads a list of records several times faster than one by one.
   chunks = (range(i, min(i + 4096, len(source))) for i in range(0, len(source), 4096))
   examples = [example for chunk in chunks for example in source.__getitems__(chunk)]

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ucam_jax import distributed, hugepages, train
+from ucam_jax.errors import RunError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/san.py, or the name '
@@ -52,6 +53,11 @@ def parse_flags(argv):
   except flags.Error as e:
     sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.')
   except (AttributeError, KeyError) as e:
+    if "has no attribute 'get_config'" in str(e):
+      config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+      sys.exit(f'The config file {config_file} defines no get_config(): a config file is Python '
+               'with a function get_config() that returns an ml_collections.ConfigDict (see '
+               'configs/san.py).')
     overrides = ' '.join(a.split('=')[0] for a in argv if a.startswith('--config.'))
     key = re.findall(r"\w+", str(e))
     hint = re.search(r'Did you mean "(\w+)"', str(e))
@@ -76,16 +82,19 @@ def main(argv):
   config_file = config_flags.get_config_filename(FLAGS['config'])
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = FLAGS.workdir or os.path.join('workdir', config_name)
-  if FLAGS.mode == 'eval':
-    try:
-      results = train.evaluate_checkpoint(FLAGS.config, workdir)
-    except FileNotFoundError as e:
-      sys.exit(f'{e} For example: python -m ucam_jax.main --config={config_file} '
-               f'--workdir={workdir}')
-    run = f"step {results['evaluated_step']}, {results['eval_wall_time_s']:.0f} s"
-  else:
-    results = train.train_and_evaluate(FLAGS.config, workdir)
-    run = f"{results['num_train_steps']} steps, {results.get('wall_time_s', 0):.0f} s"
+  try:
+    if FLAGS.mode == 'eval':
+      try:
+        results = train.evaluate_checkpoint(FLAGS.config, workdir)
+      except FileNotFoundError as e:  # No checkpoint.
+        raise RunError(f'{e} For example: python -m ucam_jax.main --config={config_file} '
+                       f'--workdir={workdir}') from e
+      run = f"step {results['evaluated_step']}, {results['eval_wall_time_s']:.0f} s"
+    else:
+      results = train.train_and_evaluate(FLAGS.config, workdir)
+      run = f"{results['num_train_steps']} steps, {results.get('wall_time_s', 0):.0f} s"
+  except RunError as e:  # A fault that the message names, with what to do: no traceback.
+    sys.exit(str(e))
   if jax.process_index() == 0 and 'test' in results:
     test = results['test']
     entropy = test['uncertainty']['predictive_entropy']

@@ -33,7 +33,12 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
   path = epath.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  try:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  except json.JSONDecodeError as e:
+    raise storage.DamagedFile(f'{path} is damaged ({e}); it was written by an earlier run: '
+                              'delete it (the curves restart from this run) or use a new '
+                              '--workdir.') from e
 
 
 def curves_figure(workdir: epath.PathLike) -> Figure:

@@ -5,9 +5,26 @@ the same calls reach a directory and, through gcsfs, a bucket. Orbax writes the 
 arrays itself (tensorstore).
 """
 
+import contextlib
+import fcntl
+import json
 import os
+import socket
+from collections.abc import Iterator
 
 from etils import epath
+
+from ucam_jax.errors import RunError
+
+LOCK_FILE = 'run.lock'
+
+
+class WorkdirLocked(RunError):
+  """Another live run holds the workdir."""
+
+
+class DamagedFile(RunError):
+  """A workdir file that an earlier run wrote and that no longer parses."""
 
 
 def is_local(path: epath.PathLike) -> bool:
@@ -39,3 +56,39 @@ def savefig(fig, path: epath.PathLike, **kwargs) -> None:
   path = epath.Path(path)
   with path.open('wb') as f:
     fig.savefig(f, format=path.suffix[1:], **kwargs)
+
+
+def read_json(path: epath.PathLike):
+  """The JSON file at `path`, or DamagedFile naming it (a bare JSONDecodeError names no file)."""
+  path = epath.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DamagedFile(f'{path} is damaged ({e}); it was written by an earlier run: restore it '
+                      'from a copy, delete it to have it rebuilt, or use a new --workdir.') from e
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: epath.PathLike) -> Iterator[None]:
+  """Holds an advisory lock (flock) on workdir/run.lock while the block runs, or raises
+  WorkdirLocked naming the process that holds it. The kernel drops the lock when its process
+  dies, however it dies, so a killed run's lock never blocks the next one. On NFS, Linux
+  emulates flock with fcntl byte-range locks, which lockd shares between hosts. A Cloud Storage
+  bucket has no locks: gs:// workdirs are not locked (one job per workdir is up to you)."""
+  if not is_local(workdir):
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  with open(path, 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'unknown'
+      raise WorkdirLocked(f'The workdir {workdir} is in use by another run (process {holder}, '
+                          f'which holds {path}): wait for it to end, or pass another '
+                          '--workdir.') from None
+    f.truncate(0)
+    f.write(f'{os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    yield  # Closing the file releases the lock.

@@ -57,7 +57,7 @@ class Vocabulary:
 
   @classmethod
   def load(cls, path: epath.PathLike) -> 'Vocabulary':
-    words = tuple(json.loads(epath.Path(path).read_text())['words'])
+    words = tuple(storage.read_json(path)['words'])
     if words[:2] != (PAD, UNK):
       raise ValueError(f'{path} is not a ucam_jax vocabulary: it must start with {PAD!r}, {UNK!r}.')
     return cls(words)

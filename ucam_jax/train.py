@@ -6,6 +6,7 @@ derived from the seed and the checkpointed state, so a run stopped and resumed e
 parameters as one that never stopped.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -22,8 +23,9 @@ from etils import epath
 from flax.training import train_state
 from tqdm import tqdm
 
-from ucam_jax import (distributed, evaluate, gca, input_pipeline, metric_writer, models, sharding,
-                      storage, vqa_answers)
+from ucam_jax import (checkpoints, distributed, evaluate, gca, input_pipeline, metric_writer,
+                      models, sharding, storage, vqa_answers)
+from ucam_jax.errors import ConfigError
 from ucam_jax.text import Vocabulary
 
 ANSWERS_FILE = 'answers.json'  # VQA's answer vocabulary, beside vocabulary.json.
@@ -44,14 +46,76 @@ def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
   if name == 'cosine':
     return optax.cosine_decay_schedule(config.learning_rate, max(num_steps, 1),
                                        alpha=config.final_learning_rate_factor)
-  if name == 'step':
-    if config.decay_every_steps < 1 or not 0 < config.decay_factor <= 1:
-      raise ValueError('The step schedule needs config.decay_every_steps >= 1 and 0 < '
-                       f'config.decay_factor <= 1; got {config.decay_every_steps} and '
-                       f'{config.decay_factor}.')
+  if name == 'step':  # decay_every_steps and decay_factor: see RANGES.
     return optax.exponential_decay(config.learning_rate, config.decay_every_steps,
                                    config.decay_factor, staircase=True)
   raise ValueError(f'config.learning_rate_schedule is {name!r}; choose one of {list(SCHEDULES)}.')
+
+
+INF = float('inf')
+# The allowed range of every numeric field of the configs (configs/*.py): (low, high, brackets);
+# for a tuple, of its every element. A field that a config lacks is skipped. Checked elsewhere:
+# config.ucam's (gca.check_config), the evaluation's (evaluate.check_config) and the datasets'
+# own settings, dataset_kwargs (by their builders). learning_rate may be inf: tests use it to
+# make a run diverge.
+RANGES = {
+    'max_question_length': (1, INF, '[)'), 'questions_per_image': (1, INF, '[)'),
+    'data_threads': (1, INF, '[)'), 'seed': (0, INF, '[)'),
+    'batch_size': (1, INF, '[)'), 'eval_batch_size': (1, INF, '[)'),
+    'learning_rate': (0, INF, '(]'), 'final_learning_rate_factor': (0, 1, '[]'),
+    'decay_every_steps': (1, INF, '[)'), 'decay_factor': (0, 1, '(]'),
+    'num_epochs': (0, INF, '[)'), 'num_train_steps': (0, INF, '[)'),
+    'log_every_steps': (1, INF, '[)'), 'checkpoint_every_steps': (1, INF, '[)'),
+    'checkpoints_to_keep': (1, INF, '[)'), 'stop_at_step': (0, INF, '[)'),
+    'num_answers': (1, INF, '[)'), 'grid_shape': (1, INF, '[)'),
+    'model.stem_features': (1, INF, '[)'), 'model.grid_convs': (0, INF, '[)'),
+    'model.embed_dim': (1, INF, '[)'), 'model.hidden_dim': (1, INF, '[)'),
+    'model.question_dim': (1, INF, '[)'), 'model.attention_dim': (1, INF, '[)'),
+    'model.num_hops': (1, INF, '[)'), 'model.glimpses': (1, INF, '[)'),
+    'model.classifier_dim': (1, INF, '[)'), 'model.dropout_rate': (0, 1, '[)'),
+    'model.variance_hidden_dim': (0, INF, '[)'), 'monitor_every_steps': (0, INF, '[)'),
+}
+
+
+def _in_range(value, low, high, brackets: str) -> bool:
+  return ((low <= value if brackets[0] == '[' else low < value)
+          and (value <= high if brackets[1] == ']' else value < high))
+
+
+def check_config(config) -> None:
+  """Raises ConfigError naming a field outside its range (RANGES, gca.check_config,
+  evaluate.check_config), its value and the range, before anything is written. Unchecked,
+  such values crashed late (batch_size=0: a ZeroDivisionError after config.json was written) or
+  ran silently wrong (num_epochs=-1 trained nothing and reported it; dropout_rate=1.5 dropped
+  every unit; checkpoints_to_keep=0 kept no checkpoint and said that a rerun resumes)."""
+  for key, (low, high, brackets) in RANGES.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node.get(parent, {})
+    if name not in node:
+      continue
+    value = node[name]
+    for element in value if isinstance(value, (tuple, list)) else (value,):
+      if not _in_range(element, low, high, brackets):
+        raise ConfigError(f'config.{key} must be in {brackets[0]}{low:g}, {high:g}{brackets[1]}, '
+                          f'got {value!r}.')
+  if not config.num_train_steps and not config.num_epochs > 0:
+    raise ConfigError('config.num_epochs must be in (0, inf) when config.num_train_steps is 0, '
+                      f'got {config.num_epochs!r}.')
+  if config.get('monitor_every_steps', 0) % config.log_every_steps:
+    raise ConfigError(f'config.monitor_every_steps ({config.monitor_every_steps}) must be a '
+                      f'multiple of config.log_every_steps ({config.log_every_steps}), or 0.')
+  devices = jax.device_count()
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % devices:
+      raise ConfigError(f'config.{key} must be a multiple of the number of devices ({devices}), '
+                        f'got {config[key]}.')
+  try:
+    gca.check_config(config.ucam)
+    evaluate.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def variance_labels(params):
@@ -155,7 +219,7 @@ def load_or_build_answers(workdir: str, table: input_pipeline.QuestionTable,
   when resuming and by --mode=eval."""
   path = epath.Path(workdir) / ANSWERS_FILE
   if path.exists():
-    return vqa_answers.AnswerVocabulary(tuple(json.loads(path.read_text())['answers']))
+    return vqa_answers.AnswerVocabulary(tuple(storage.read_json(path)['answers']))
   answers = vqa_answers.AnswerVocabulary.build(table.human_answers, num_answers)
   if jax.process_index() == 0:
     storage.write_text(path, json.dumps({'answers': answers.answers}, indent=0))
@@ -199,21 +263,16 @@ def check_same_model(workdir: str, config) -> None:
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     return
-  saved = json.loads(path.read_text()).get('model', {})
+  saved = storage.read_json(path).get('model', {})
   current = json.loads(config.model.to_json_best_effort())
   # The compute dtype leaves the parameters as they are: a run may resume in another precision.
   changed = sorted(k for k in (saved.keys() | current.keys()) - {'dtype'}
                    if saved.get(k) != current.get(k))
   if changed:
-    raise ValueError(
+    raise ConfigError(
         f'The checkpoints in {workdir} do not fit this config: model ' + ', '.join(
             f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in changed)
         + '. Resume with the same config, or start afresh with a new --workdir.')
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True)
-  return ocp.CheckpointManager(storage.absolute(workdir) / 'checkpoints', options=options)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -225,15 +284,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the contents of metrics.json. With several processes each trains on its slice of every
   batch and all take part in each checkpoint; only process 0 writes the other files and reports.
   SIGTERM (preemption) checkpoints at the next step and returns early, as `stop_at_step` does.
+  One run at a time: process 0 locks the workdir (storage.workdir_lock) before writing in it.
+  Resuming restores the newest checkpoint that passes verification (checkpoints.py).
   """
   start_time = time.time()
-  gca.check_config(config.ucam)
-  evaluate.check_config(config)
-  if config.monitor_every_steps % config.log_every_steps:
-    raise ValueError(f'config.monitor_every_steps ({config.monitor_every_steps}) must be a '
-                     f'multiple of config.log_every_steps ({config.log_every_steps}), or 0.')
-  main_process = jax.process_index() == 0
+  check_config(config)
   prepare_workdir(workdir)
+  with storage.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, start_time)
+
+
+def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
+  main_process = jax.process_index() == 0
   builder = input_pipeline.get_builder(config)
   table = input_pipeline.question_table(builder, 'train')
   vocab = load_or_build_vocabulary(workdir, table)
@@ -248,6 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       input_pipeline.visual_reader(builder, 'train', source, table, config))
   steps_per_epoch = len(groups) // config.batch_size
   num_steps = config.num_train_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
+  if num_steps < 1:
+    raise ConfigError(f'config.batch_size {config.batch_size} is more than the {len(groups)} '
+                      'training groups (images): no training step. Lower it.')
 
   mesh = sharding.make_mesh()
   model = models.get_model(config, vocab.size, num_answers)
@@ -255,17 +320,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = jax.jit(lambda batch: create_train_state(config, model, num_steps, batch),
                   out_shardings=sharding.replicated(mesh))(example)
 
-  manager = checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config.checkpoints_to_keep)
   if manager.latest_step() is not None:
     check_same_model(workdir, config)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-      state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(
-          f'The checkpoint at step {manager.latest_step()} in {workdir} does not fit this config '
-          f'(it was written by a run with another model or optimiser; see its config.json): {e}. '
-          'Resume with the same config, or start afresh with a new --workdir.') from e
+    state = checkpoints.restore_newest_intact(manager, abstract, workdir)
   start_step = int(state.step)
   # Written only now, so a failed resume leaves the earlier run's config.json as it was.
   if main_process:
@@ -329,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         acc=f"{last_train['train_accuracy']:.3f}")
         pending, window_start = [], time.time()
       if checkpoint_due:
-        manager.save(step, args=ocp.args.StandardSave(state))
+        checkpoints.save(manager, step, state)
       if preempted:
         break
   manager.wait_until_finished()
@@ -358,16 +417,16 @@ _EVALUATION_KEYS = ('dataset', 'dataset_kwargs', 'features', 'max_question_lengt
 
 
 def check_same_evaluation(workdir: str, config) -> None:
-  """Raises ValueError naming the `_EVALUATION_KEYS` in which `config` differs from the
+  """Raises ConfigError naming the `_EVALUATION_KEYS` in which `config` differs from the
   training run's config.json: the checkpoint would be evaluated as it was not trained."""
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     return
-  saved, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+  saved, current = storage.read_json(path), json.loads(config.to_json_best_effort())
   changed = [f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in _EVALUATION_KEYS
              if saved.get(k) != current.get(k)]
   if changed:
-    raise ValueError(f'The checkpoints in {workdir} were trained with another config: '
+    raise ConfigError(f'The checkpoints in {workdir} were trained with another config: '
                      + '; '.join(changed) + f'. Evaluate with the config of {path}.')
 
 
@@ -376,24 +435,26 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   Writes what the end of `train_and_evaluate` writes: metrics.json (its 'test' entry, with
   'evaluated_step'; the training entries stay) and report/. The checkpoints are only read.
-  Raises FileNotFoundError, having written nothing, when `workdir` holds no checkpoint.
+  Raises FileNotFoundError, having written nothing, when `workdir` holds no checkpoint, and
+  checkpoints.DamagedCheckpoint when the latest one fails verification (it moves nothing).
   Returns the contents of metrics.json.
   """
   start_time = time.time()
-  gca.check_config(config.ucam)
-  evaluate.check_config(config)
+  check_config(config)
   directory = storage.absolute(workdir) / 'checkpoints'
-  # Only restore is called and create=False: nothing is written. (read_only=True would say so
-  # too, with a warning per option it overrides.)
-  options = ocp.CheckpointManagerOptions(create=False)
   step = None
   if directory.exists():
-    with ocp.CheckpointManager(directory, options=options) as manager:
+    with checkpoints.manager(workdir, read_only=True) as manager:
       step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(
         f'No checkpoint in {directory}: --mode=eval evaluates a trained model. Train one first '
         'with --mode=train (the default) and the same --config and --workdir.')
+  with storage.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _evaluate_checkpoint(config, workdir, step, start_time)
+
+
+def _evaluate_checkpoint(config, workdir: str, step: int, start_time: float) -> dict:
   check_same_model(workdir, config)
   check_same_evaluation(workdir, config)
   builder = input_pipeline.get_builder(config)
@@ -412,12 +473,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=sharding.replicated(mesh)),
                           abstract)
-  with ocp.CheckpointManager(directory, options=options) as manager:
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  with checkpoints.manager(workdir, read_only=True) as manager:
+    try:
+      state = checkpoints.restore_verified(manager, step, abstract)
+    except checkpoints.DamagedCheckpoint as e:
+      raise checkpoints.DamagedCheckpoint(
+          f'{e} --mode=eval evaluates the latest checkpoint only, and moves nothing: rerun '
+          'training (--mode=train), which moves it aside and resumes from the newest intact '
+          'one.') from e
   test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
                                       workdir, answers=answers)
   path = epath.Path(workdir) / 'metrics.json'
-  results = json.loads(path.read_text()) if path.exists() else {}
+  results = storage.read_json(path) if path.exists() else {}
   results.update(test=test, evaluated_step=step, eval_wall_time_s=time.time() - start_time)
   if jax.process_index() == 0:
     storage.write_text(path, json.dumps(results, indent=2))

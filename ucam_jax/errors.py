@@ -1,0 +1,10 @@
+"""Faults that the user or operator acts on, reported as one line without a traceback."""
+
+
+class RunError(Exception):
+  """The run cannot go on, for a reason its message names with what to do. `main` prints the
+  message alone and exits with status 1; what the workdir held before is intact."""
+
+
+class ConfigError(RunError, ValueError):
+  """A config value outside its range; raised before anything is written."""
