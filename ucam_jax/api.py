@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ucam_jax import evaluate, input_pipeline, models, report, sharding, storage, train
+from ucam_jax import (checkpoints, evaluate, input_pipeline, models, report, sharding, storage,
+                      train)
 from ucam_jax.text import Vocabulary
 
 # The maps of `explain`, as `evaluate.map_types` names them, and the words' certainty.
@@ -72,10 +72,9 @@ def load(workdir: str, step: int | None = None) -> Run:
     raise ValueError(f'The run in {workdir} reads precomputed grid features, not images: '
                      'evaluate it with `python -m ucam_jax.main --mode=eval` instead.')
   directory = storage.absolute(workdir) / 'checkpoints'
-  options = ocp.CheckpointManagerOptions(create=False)  # Only read.
   steps = []
   if directory.exists():
-    with ocp.CheckpointManager(directory, options=options) as manager:
+    with checkpoints.manager(workdir, read_only=True) as manager:
       steps = list(manager.all_steps())
   if not steps:
     raise FileNotFoundError(
@@ -104,8 +103,8 @@ def load(workdir: str, step: int | None = None) -> Run:
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
       abstract)
-  with ocp.CheckpointManager(directory, options=options) as manager:
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  with checkpoints.manager(workdir, read_only=True) as manager:
+    state = checkpoints.restore_verified(manager, step, abstract)  # Digests and finite values.
   return Run(
       workdir=str(workdir), config=config, vocab=vocab, answers=answers, params=state.params,
       step=int(step), image_shape=image_shape, apply_fn=model.apply,
