@@ -60,5 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   # and steps; each step is a forward pass of the questions for every map type.
   config.faithfulness_questions = 128
   config.faithfulness_steps = 16
+  # Trace steps 'a,b' (first and last, inclusive) with jax.profiler into workdir/plugins/profile/
+  # (TensorBoard's profile plugin; Perfetto: perfetto_trace.json.gz there). '': none.
+  config.profile_steps = ''
   config.stop_at_step = 0  # > 0: checkpoint and stop there (a time-limited job); rerun resumes.
   return config

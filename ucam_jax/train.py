@@ -190,17 +190,40 @@ def check_same_model(workdir: str, config) -> None:
         + '. Resume with the same config, or start afresh with a new --workdir.')
 
 
+def profile_window(config) -> tuple[int, int] | None:
+  """`config.profile_steps` 'a,b' -> (a, b), the first and last step to trace (inclusive);
+  '' -> None. Raises ValueError on anything else."""
+  text = config.profile_steps.strip()
+  if not text:
+    return None
+  try:
+    first, last = (int(x) for x in text.split(','))
+  except ValueError:
+    first, last = 0, -1
+  if not 1 <= first <= last:
+    raise ValueError(f"config.profile_steps is {text!r}: give the first and last step to "
+                     "profile, 'a,b' with 1 <= a <= b (e.g. '10,12'), or '' for none.")
+  return first, last
+
+
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True)
   return ocp.CheckpointManager(storage.absolute(workdir) / 'checkpoints', options=options)
 
 
+def stop_trace(state) -> None:
+  """Ends `jax.profiler` tracing once the traced steps have run (dispatch is asynchronous)."""
+  jax.block_until_ready(state)
+  jax.profiler.stop_trace()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.dataset`, evaluates on the test split, writes the workdir.
 
-  Writes config.json, vocabulary.json (VQA: and answers.json), checkpoints/, metrics.jsonl,
-  curves.png, metrics.json and report/ (plots, explanation figures, index.html; see
-  `evaluate.evaluate_and_report`).
+  Writes config.json, vocabulary.json (VQA: and answers.json), checkpoints/, metrics.jsonl and
+  TensorBoard event files (`metric_writer`), curves.png, metrics.json and report/ (plots,
+  explanation figures, index.html; see `evaluate.evaluate_and_report`); with
+  `config.profile_steps` 'a,b', a `jax.profiler` trace of steps a to b in plugins/profile/.
   Returns the contents of metrics.json. With several processes each trains on its slice of every
   batch and all take part in each checkpoint; only process 0 writes the other files and reports.
   SIGTERM (preemption) checkpoints at the next step and returns early, as `stop_at_step` does.
@@ -208,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_time = time.time()
   gca.check_config(config.ucam)
   evaluate.check_config(config)
+  profile = profile_window(config)
   main_process = jax.process_index() == 0
   prepare_workdir(workdir)
   builder = input_pipeline.get_builder(config)
@@ -252,13 +276,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
   stop_step = min(num_steps, config.stop_at_step or num_steps)
   batches = input_pipeline.train_batches(groups, config, start_step)
-  pending, last_train, preempted = [], {}, False
+  schedule = learning_rate_schedule(config, num_steps)
+  pending, last_train, preempted, tracing = [], {}, False, False
   window_start = time.time()
   with (distributed.preemption_notice() as preemption_reached,
         tqdm(total=num_steps, initial=start_step, desc='train', mininterval=2,
              disable=not main_process) as bar):
     for step in range(start_step + 1, stop_step + 1):
+      if profile and step == profile[0]:  # Into workdir/plugins/profile/<time>/.
+        jax.profiler.start_trace(str(storage.absolute(workdir)), create_perfetto_trace=True)
+        tracing = True
       state, step_metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
+      if tracing and step == profile[1]:
+        stop_trace(state)
+        tracing = False
       pending.append(step_metrics)
       bar.update()
       preempted = preemption_reached(step)  # Asked at every step: processes agree on the step.
@@ -272,6 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_train = {f'train_{k}': float(sum(m[k] * m['questions'] for m in pending) / questions)
                       for k in pending[0] if k != 'questions'}
         last_train['questions_per_sec'] = float(questions) / (time.time() - window_start)
+        last_train['learning_rate'] = float(schedule(step - 1))  # That of the step's update.
         if writer:
           writer.write(step, last_train)
         bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
@@ -281,6 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         manager.save(step, args=ocp.args.StandardSave(state))
       if preempted:
         break
+  if tracing:  # Stopped (stop_at_step, SIGTERM) before the window's last step.
+    stop_trace(state)
   manager.wait_until_finished()
   manager.close()
 
@@ -290,12 +324,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f'Stopped at step {int(state.step)} of {num_steps} '
             f"({'SIGTERM' if preempted else 'stop_at_step'}); the checkpoint is saved: rerun the "
             'same command to resume.')
+      writer.close()
     return results
   test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
-                                      workdir, answers=answers)
+                                      workdir, answers=answers, writer=writer, step=num_steps)
   results.update(test=test, wall_time_s=time.time() - start_time)
   if main_process:
     writer.write(num_steps, {f'test_{k}': test[k] for k in ('accuracy', 'loss', 'ece')})
+    writer.close()
     metric_writer.plot_curves(workdir)
     storage.write_text(epath.Path(workdir) / 'metrics.json', json.dumps(results, indent=2))
   return results
