@@ -181,7 +181,8 @@ def test_mode_eval_writes_metrics_plots_and_report(small_data_dir, tmp_path):
   for name in ('reliability.png', 'uncertainty_vs_error.png', 'retention.png',
                'rank_correlation.png', 'index.html'):
     assert os.path.exists(os.path.join(report, name)), name
-  assert len([f for f in os.listdir(report) if f.startswith('question_')]) == 2
+  # Up to 2 questions in each of the report's 4 sections, a question in several drawn once.
+  assert 2 <= len([f for f in os.listdir(report) if f.startswith('question_')]) <= 8
   assert _tree(os.path.join(workdir, 'checkpoints')) == checkpoints  # Only read.
 
   other = config.copy_and_resolve_references()

@@ -107,12 +107,13 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
 
 
 def plot_curves(workdir: epath.PathLike, filename: str = 'curves.png', columns: int = 4) -> str:
-  """A grid of panels, one per metric, value against step; a test metric is drawn on the panel
-  of its training metric where there is one ('test_loss' on 'train_loss'). Returns the PNG's
-  path."""
+  """A grid of panels, one per metric, value against step: the training loss first, then the
+  other training metrics, then the rest; a test metric is drawn on the panel of its training
+  metric where there is one ('test_loss' on 'train_loss'). Returns the PNG's path."""
   records = read_metrics(workdir)
   names = sorted({k for r in records for k in r if k != 'step'})
-  panels = [n for n in names if not (n.startswith('test_') and 'train_' + n[5:] in names)]
+  panels = sorted((n for n in names if not (n.startswith('test_') and 'train_' + n[5:] in names)),
+                  key=lambda n: (n != 'train_loss', not n.startswith('train_'), n))
   columns = max(min(columns, len(panels)), 1)
   rows = max(math.ceil(len(panels) / columns), 1)
   fig = Figure(figsize=(3.6 * columns, 2.8 * rows), layout='constrained')
@@ -124,7 +125,7 @@ def plot_curves(workdir: epath.PathLike, filename: str = 'curves.png', columns: 
       if not points:
         continue
       test = series.startswith('test_')
-      ax.plot(*zip(*points), 'o' if test or len(points) < 20 else '-',
+      ax.plot(*zip(*points), 'o' if test else 'o-' if len(points) < 20 else '-',
               color='tab:red' if test else 'tab:blue', ms=4, label=series.partition('_')[0])
     if name.startswith('train_') and 'test_' + metric in names:
       ax.legend(fontsize=8)
