@@ -126,7 +126,7 @@ def test_train_resume_and_report_in_a_gs_workdir(fake_gcs, small_data_dir, tmp_p
                       lambda workdir, config: manager(str(local_checkpoints), config))
   config = tiny_config(small_data_dir, num_train_steps=4, log_every_steps=1,
                        checkpoint_every_steps=2, mc_samples=2, eval_batch_size=64,
-                       report_questions=2)
+                       report_questions=1)
   config.ucam.mode = 'none'  # Compiles fastest; the files are the same.
   stopping = config.copy_and_resolve_references()
   stopping.stop_at_step = 2
@@ -140,7 +140,7 @@ def test_train_resume_and_report_in_a_gs_workdir(fake_gcs, small_data_dir, tmp_p
   steps = [json.loads(line)['step'] for line in written['metrics.jsonl'].decode().splitlines()]
   assert steps == [1, 2, 3, 4, 4]  # ... and the stopped run's lines; the last is the test's.
   pngs = [name for name in written if name.startswith('report/question_')]
-  assert 2 <= len(pngs) <= 8  # 2 questions in each of the 4 sections, some in several.
+  assert 1 <= len(pngs) <= 4  # A question in each of the 4 sections, some in several.
   assert all(written[name].startswith(b'\x89PNG') for name in pngs)
   assert len([name for name in written if name.startswith('events.out.tfevents.')]) == 2
   assert b'<!doctype html>' in written['report/index.html']

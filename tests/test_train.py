@@ -198,7 +198,7 @@ def test_main_job_end_to_end(small_data_dir, tmp_path):
   overrides = [f'--config.{k}={v}' for k, v in dict(
       data_dir=small_data_dir, num_train_steps=10, batch_size=8, eval_batch_size=64,
       log_every_steps=5, mc_samples=2, faithfulness_questions=8, faithfulness_steps=4,
-      report_questions=4).items()]
+      report_questions=1).items()]
   result = _main('--config=configs/san.py', f'--workdir={workdir}', *overrides,
                  '--config.model.stem_features=(8,16)', '--config.model.grid_convs=0',
                  '--config.ucam.mode=none')
