@@ -88,7 +88,7 @@ def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   question are encoded once).
 
   In GCA mode the MC passes reuse the certainty maps of the deterministic pass. Also returns
-  the GCA outputs (maps, the first pass's attention).
+  the GCA outputs (maps, the first pass's attention) and the MC-dropout `top_answers`.
   """
   v = apply_fn(params, batch['image'], method='encode_image')
   e = apply_fn(params, batch['question'], method='embed_question')

@@ -1,16 +1,20 @@
-"""The report in workdir/report/ (SPEC section 7, issue 3): plots of the evaluation, one figure per
-sampled test question, and index.html showing them all. Renders what `ucam_jax.evaluate` computed.
+"""The report in workdir/report/ (SPEC section 7, issues 3 and 18): plots of the evaluation, one
+figure per test question of its sections (a sample, wrong answers, the most uncertain, the most
+confident wrong ones: `evaluate.report_sections`), and index.html showing them all, readable on
+a laptop screen. Renders what `ucam_jax.evaluate` computed.
 
-Plots: the reliability diagram, predictive entropy of correct and of wrong answers (uncertainty vs
-error), accuracy against the fraction of questions retained, and, on splits with ground-truth
-attention, a histogram of each map type's Spearman rank correlation with it.
+Plots: the reliability diagram with each bin's count, predictive entropy of correct and of wrong
+answers (uncertainty vs error), accuracy against the fraction of questions retained, and, on
+splits with ground-truth attention, a histogram of each map type's Spearman rank correlation
+with it.
 
-Per question, one PNG: the image; the model's attention; the GCA attention (the attention after
-the certainty mask, in mode 'mask'); Grad-CAM of the answer's logit and U-CAM of its uncertainty,
-both over the image grid; the ground-truth attention where the split has it; the question's words
-with their certainty; the answer with its uncertainty. Questions and answers are data, so they
-are escaped in the HTML and never parsed as mathtext in the figures.
-"""
+Per question, one PNG: the image and, over it at its size (`overlay`, the project's one way to
+draw a map on an image), the model's attention, the GCA attention (the attention after the
+certainty mask, in mode 'mask'), Grad-CAM of the answer's logit, U-CAM of its uncertainty and
+the ground-truth attention where the split has it, on one colour scale; the question's words
+with their certainty; the top answers with their MC-dropout mean probability and spread.
+Questions and answers are data, so they are escaped in the HTML and never parsed as mathtext in
+the figures."""
 
 import html
 import io
