@@ -86,10 +86,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.monitor_every_steps = 500
   config.checkpoint_every_steps = 500
   config.checkpoints_to_keep = 2
-  config.report_questions = 16  # Test questions with explanation figures (workdir/report/).
+  # The report (workdir/report/): explanation figures of up to this many test questions in each
+  # section (a sample, wrong answers, the most uncertain, the most confident wrong ones).
+  config.report_questions = 8
+  config.report_map_scale = 'shared'  # shared (each map / its sum, one scale) | per_map (/ max).
   # Deletion / insertion AUC of the maps (ucam_jax/evaluate.py): test questions fixed by the seed,
   # and steps; each step is a forward pass of the questions for every map type.
   config.faithfulness_questions = 128
   config.faithfulness_steps = 16
+  # Trace steps 'a,b' (first and last, inclusive) with jax.profiler into workdir/plugins/profile/
+  # (TensorBoard's profile plugin; Perfetto: perfetto_trace.json.gz there). '': none.
+  config.profile_steps = ''
   config.stop_at_step = 0  # > 0: checkpoint and stop there (a time-limited job); rerun resumes.
   return config

@@ -65,7 +65,7 @@ def tiny_config(data_dir, **overrides):
   config.model.update(embed_dim=16, hidden_dim=32, attention_dim=16, classifier_dim=32)
   config.update(batch_size=8, eval_batch_size=512, num_train_steps=20, log_every_steps=5,
                 checkpoint_every_steps=10, mc_samples=2, faithfulness_questions=8,
-                faithfulness_steps=4, report_questions=4)
+                faithfulness_steps=4, report_questions=1)
   config.update(overrides)
   return config
 

@@ -161,7 +161,7 @@ def test_mode_eval_writes_metrics_plots_and_report(small_data_dir, tmp_path):
   which compiles fastest (test_report covers the GCA attention)."""
   workdir = str(tmp_path / 'run')
   config = tiny_config(small_data_dir, num_train_steps=6, stop_at_step=4, eval_batch_size=64,
-                       report_questions=2, faithfulness_questions=8, faithfulness_steps=2)
+                       report_questions=1, faithfulness_questions=8, faithfulness_steps=2)
   config.ucam.mode = 'none'
   assert 'test' not in train.train_and_evaluate(config, workdir)
   checkpoints = _tree(os.path.join(workdir, 'checkpoints'))
@@ -181,7 +181,8 @@ def test_mode_eval_writes_metrics_plots_and_report(small_data_dir, tmp_path):
   for name in ('reliability.png', 'uncertainty_vs_error.png', 'retention.png',
                'rank_correlation.png', 'index.html'):
     assert os.path.exists(os.path.join(report, name)), name
-  assert len([f for f in os.listdir(report) if f.startswith('question_')]) == 2
+  # A question in each of the report's 4 sections, one in several drawn once.
+  assert 1 <= len([f for f in os.listdir(report) if f.startswith('question_')]) <= 4
   assert _tree(os.path.join(workdir, 'checkpoints')) == checkpoints  # Only read.
 
   other = config.copy_and_resolve_references()

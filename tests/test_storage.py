@@ -14,6 +14,7 @@ from fsspec.registry import _registry
 from fsspec.spec import AbstractBufferedFile
 
 from tests.conftest import tiny_config
+from tests.test_train import read_events
 from ucam_jax import metric_writer, storage, train
 
 WORKDIR = 'gs://bucket/runs/san'
@@ -94,17 +95,26 @@ def test_checkpoints_of_a_gs_workdir_go_to_the_bucket(monkeypatch, tmp_path):
   assert directories == [f'{WORKDIR}/checkpoints', str(tmp_path / 'run' / 'checkpoints')]
 
 
-def test_metric_writer_rewrites_the_bucket_file_and_drops_stale_lines(fake_gcs):
+def test_metric_writer_rewrites_the_bucket_file_and_drops_stale_lines(fake_gcs, tmp_path):
   writer = metric_writer.MetricWriter(WORKDIR)
   for step in (5, 10, 15):
     writer.write(step, {'loss': 1.0 / step})
   resumed = metric_writer.MetricWriter(WORKDIR, resume_step=10)
   resumed.write(12, {'loss': 0.5})
+  writer.close()
+  resumed.close()
   assert [r['step'] for r in metric_writer.read_metrics(WORKDIR)] == [5, 10, 12]
   path = metric_writer.plot_curves(WORKDIR)
   assert path == f'{WORKDIR}/curves.png'
   assert files(fake_gcs)['curves.png'].startswith(b'\x89PNG')
-  assert sorted(files(fake_gcs)) == ['curves.png', 'metrics.jsonl']
+  written = files(fake_gcs)
+  events = sorted(name for name in written if name.startswith('events.out.tfevents.'))
+  assert sorted(set(written) - set(events)) == ['curves.png', 'metrics.jsonl']
+  # TensorBoard's events, in the bucket: one file per writer; the resumed one hides step 15.
+  assert len(events) == 2
+  for name in events:
+    (tmp_path / name).write_bytes(written[name])
+  assert [e.step for e in read_events(tmp_path).Scalars('loss')] == [5, 10, 12]
 
 
 def test_train_resume_and_report_in_a_gs_workdir(fake_gcs, small_data_dir, tmp_path,
@@ -116,12 +126,13 @@ def test_train_resume_and_report_in_a_gs_workdir(fake_gcs, small_data_dir, tmp_p
                       lambda workdir, config: manager(str(local_checkpoints), config))
   config = tiny_config(small_data_dir, num_train_steps=4, log_every_steps=1,
                        checkpoint_every_steps=2, mc_samples=2, eval_batch_size=64,
-                       report_questions=2)
+                       report_questions=1)
   config.ucam.mode = 'none'  # Compiles fastest; the files are the same.
   stopping = config.copy_and_resolve_references()
   stopping.stop_at_step = 2
   assert train.train_and_evaluate(stopping, WORKDIR)['step'] == 2
-  assert sorted(files(fake_gcs)) == ['config.json', 'metrics.jsonl', 'vocabulary.json']
+  assert sorted(name for name in files(fake_gcs) if not name.startswith('events.')) == [
+      'config.json', 'metrics.jsonl', 'vocabulary.json']
 
   results = train.train_and_evaluate(config, WORKDIR)  # Reads config.json, the vocabulary...
   written = files(fake_gcs)
@@ -129,7 +140,9 @@ def test_train_resume_and_report_in_a_gs_workdir(fake_gcs, small_data_dir, tmp_p
   steps = [json.loads(line)['step'] for line in written['metrics.jsonl'].decode().splitlines()]
   assert steps == [1, 2, 3, 4, 4]  # ... and the stopped run's lines; the last is the test's.
   pngs = [name for name in written if name.startswith('report/question_')]
-  assert len(pngs) == 2 and all(written[name].startswith(b'\x89PNG') for name in pngs)
+  assert 1 <= len(pngs) <= 4  # A question in each of the 4 sections, some in several.
+  assert all(written[name].startswith(b'\x89PNG') for name in pngs)
+  assert len([name for name in written if name.startswith('events.out.tfevents.')]) == 2
   assert b'<!doctype html>' in written['report/index.html']
   assert written['curves.png'].startswith(b'\x89PNG')
   assert not [name for name in written if name.endswith('.tmp') or 'write_test' in name]

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from tests.conftest import tiny_config
 from ucam_jax import evaluate, train
@@ -19,6 +20,14 @@ def _final_params(workdir):
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
     restored = manager.restore(manager.latest_step())
   return manager.latest_step(), restored
+
+
+def read_events(directory):
+  """TensorBoard's own reader over every event file in `directory`, nothing sampled away."""
+  events = event_accumulator.EventAccumulator(
+      str(directory), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+  events.Reload()
+  return events
 
 
 def test_train_and_evaluate_end_to_end(small_data_dir, tmp_path):
@@ -46,6 +55,22 @@ def test_train_and_evaluate_end_to_end(small_data_dir, tmp_path):
   assert {'train_answer', 'train_uncertainty', 'train_aleatoric',
           'train_uncertainty_before_mask'} <= set(records[0])
   assert records[-1]['test_accuracy'] == results['test']['accuracy']
+  assert {'learning_rate', 'questions_per_sec'} <= set(records[0])
+  # TensorBoard: the same scalars, and a U-CAM figure of each report section at the test step.
+  events = read_events(workdir)
+  tags = events.Tags()
+  assert {'train/loss', 'train/accuracy', 'train/uncertainty', 'learning_rate',
+          'questions_per_sec', 'test/accuracy', 'test/ece'} <= set(tags['scalars'])
+  loss = events.Scalars('train/loss')
+  assert [e.step for e in loss] == [5, 10, 15, 20]
+  assert [e.value for e in loss] == pytest.approx([r['train_loss'] for r in records[:4]])
+  assert [e.value for e in events.Scalars('test/accuracy')] == pytest.approx(
+      [test['accuracy']])
+  assert [e.value for e in events.Scalars('learning_rate')] == pytest.approx(
+      [float(train.learning_rate_schedule(config, 20)(s - 1)) for s in (5, 10, 15, 20)])
+  assert {'report/sample', 'report/wrong', 'report/uncertain'} <= set(tags['images'])
+  image = events.Images('report/sample')[0]
+  assert image.step == 20 and image.width > 500 and image.encoded_image_string[:4] == b'\x89PNG'
   step, _ = _final_params(workdir)
   assert step == 20
   # Periodic saves at 10 and 20, at most checkpoints_to_keep of them.
@@ -76,6 +101,31 @@ def test_stop_and_resume_matches_an_uninterrupted_run(small_data_dir, tmp_path):
   with open(os.path.join(resumed, 'metrics.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f if 'train_loss' in line]
   assert steps == [5, 7, 10, 15, 16]  # The stopped run's lines, then the resumed run's.
+  assert [e.step for e in read_events(resumed).Scalars('train/loss')] == steps
+
+
+def test_profile_steps_write_a_trace(small_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  config = tiny_config(small_data_dir, num_train_steps=4, stop_at_step=3, profile_steps='2,3')
+  config.ucam.mode = 'none'  # Compiles fastest; the trace is the same kind.
+  train.train_and_evaluate(config, str(workdir))
+  runs = os.listdir(workdir / 'plugins' / 'profile')  # Where TensorBoard's profile tab looks.
+  assert len(runs) == 1
+  files = os.listdir(workdir / 'plugins' / 'profile' / runs[0])
+  assert [f for f in files if f.endswith('.xplane.pb')], files
+  assert 'perfetto_trace.json.gz' in files, files  # For Perfetto.
+
+
+@pytest.mark.parametrize('text,window', [('', None), ('2,5', (2, 5)), (' 3,3 ', (3, 3)),
+                                         ('5,2', ValueError), ('0,1', ValueError),
+                                         ('3', ValueError), ('a,b', ValueError)])
+def test_profile_steps_are_a_window_of_steps(text, window):
+  config = tiny_config(None, profile_steps=text)
+  if window is ValueError:
+    with pytest.raises(ValueError, match="config.profile_steps is .*'a,b'"):
+      train.profile_window(config)
+  else:
+    assert train.profile_window(config) == window
 
 
 def test_resuming_with_another_model_is_a_clear_error(small_data_dir, tmp_path):
@@ -148,7 +198,7 @@ def test_main_job_end_to_end(small_data_dir, tmp_path):
   overrides = [f'--config.{k}={v}' for k, v in dict(
       data_dir=small_data_dir, num_train_steps=10, batch_size=8, eval_batch_size=64,
       log_every_steps=5, mc_samples=2, faithfulness_questions=8, faithfulness_steps=4,
-      report_questions=4).items()]
+      report_questions=1).items()]
   result = _main('--config=configs/san.py', f'--workdir={workdir}', *overrides,
                  '--config.model.stem_features=(8,16)', '--config.model.grid_convs=0',
                  '--config.ucam.mode=none')

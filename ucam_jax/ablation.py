@@ -127,13 +127,13 @@ PRESETS = {
     }),
     'smoke': dict(seeds=(0, 1), datasets={
         'grounded_shapes': (grounded_shapes.get_config, dict(
-            num_train_steps=3, batch_size=8, mc_samples=2, report_questions=2,
+            num_train_steps=3, batch_size=8, mc_samples=2, report_questions=1,
             faithfulness_questions=4, faithfulness_steps=2,
             dataset_kwargs=dict(seed=0, num_train_images=16, num_test_images=8, image_size=64,
                                 min_objects=2, max_objects=4, questions_per_image=8))),
         'easy_vqa': (san.get_config, dict(
             num_train_steps=3, batch_size=8, eval_batch_size=512, mc_samples=2,
-            report_questions=2, faithfulness_questions=4, faithfulness_steps=2)),
+            report_questions=1, faithfulness_questions=4, faithfulness_steps=2)),
     }),
     # Grounded shapes as in 'full', but dataset seed 1: a validation draw for the switches.
     'switches': dict(seeds=(0, 1), variants=SWITCH_VARIANTS, datasets={

@@ -67,13 +67,16 @@ def uncertainty_scores(ucam) -> tuple[str, ...]:
 
 def check_config(config) -> None:
   """Raises ValueError naming an evaluation setting below its minimum: it would fail only at the
-  end of a training run (report_questions=0 stacked an empty sample). faithfulness_questions=0
-  skips the deletion / insertion AUC."""
+  end of a training run (report_questions=0 stacked an empty sample), or a report_map_scale
+  that `report` does not know. faithfulness_questions=0 skips the deletion / insertion AUC."""
   minimum = {'mc_samples': 1, 'report_questions': 1, 'faithfulness_questions': 0,
              'faithfulness_steps': 1 if config.faithfulness_questions else 0}
   for key, low in minimum.items():
     if config[key] < low:
       raise ValueError(f'config.{key} must be at least {low}, got {config[key]}.')
+  if config.report_map_scale not in report.MAP_SCALES:
+    raise ValueError(f'config.report_map_scale is {config.report_map_scale!r}; choose one of '
+                     f'{list(report.MAP_SCALES)}.')
 
 
 MC_MEMORY_BYTES = 1 << 30  # What the dropped-out grids of a batch's MC samples may hold at once.
@@ -85,7 +88,7 @@ def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   question are encoded once).
 
   In GCA mode the MC passes reuse the certainty maps of the deterministic pass. Also returns
-  the GCA outputs (maps, the first pass's attention).
+  the GCA outputs (maps, the first pass's attention) and the MC-dropout `top_answers`.
   """
   v = apply_fn(params, batch['image'], method='encode_image')
   e = apply_fn(params, batch['question'], method='embed_question')
@@ -104,8 +107,10 @@ def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   # once unless the grids are large: 50 samples of 256 14x14x2048 grids would hold 20 GB).
   chunk = uncertainty.chunk_size_within(mc_samples, inputs[0].size * inputs[0].dtype.itemsize,
                                         MC_MEMORY_BYTES)
-  stats = uncertainty.predictive_stats(*uncertainty.mc_dropout(
-      answer_fn, mc_key, mc_samples, None if chunk == mc_samples else chunk))
+  sample_logits, sample_sigma2 = uncertainty.mc_dropout(
+      answer_fn, mc_key, mc_samples, None if chunk == mc_samples else chunk)
+  stats = uncertainty.predictive_stats(sample_logits, sample_sigma2)
+  top = top_answers(sample_logits, stats['probs'])
   logits = out.pop('logits')
   del out['sigma2']  # The MC mean of sigma2 is in stats.
   # VQA marks questions without a top answer -1: their loss is computed for class 0 and never
@@ -113,7 +118,20 @@ def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   labels = jnp.maximum(batch['answer'], 0)
   return {'probs': jax.nn.softmax(logits), 'mc_probs': stats.pop('probs'),
           'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-          **stats, **out}
+          **top, **stats, **out}
+
+
+TOP_ANSWERS = 5  # The report's answers per question.
+
+
+def top_answers(sample_logits, mean_probs, k: int = TOP_ANSWERS) -> dict:
+  """The k answers of highest MC-dropout mean probability: 'top_answers' [n, k] indices,
+  'top_probs' [n, k] their mean and 'top_spread' [n, k] their standard deviation over the T
+  passes (sample_logits [T, n, c], mean_probs [n, c]). Only these are kept per question: the
+  spread of every answer would be another [n, c] array on the host."""
+  top_probs, top = jax.lax.top_k(mean_probs, min(k, mean_probs.shape[-1]))
+  sample_probs = jnp.take_along_axis(jax.nn.softmax(sample_logits), top[None], axis=-1)
+  return {'top_answers': top, 'top_probs': top_probs, 'top_spread': sample_probs.std(0)}
 
 
 # --------------------------------------------------------------------------- maps
@@ -328,15 +346,33 @@ def read_questions(source, indices, vocab, config, preprocess=None) -> dict:
   return {**batch, 'text': [example['question'].decode() for example in raw]}
 
 
-def explain_sample(outputs, source, vocab, config, preprocess=None, display=None) -> dict:
-  """The fixed sample of `config.report_questions` questions that the report shows: their rows
-  of `evaluate`'s outputs, with their inputs and 'index' (their record numbers). Only questions
-  with a true answer (label >= 0) are drawn. `display(image_ids) -> [n, S, S, 3] uint8`
-  replaces 'image' with a picture when the model's input is not one (grid features)."""
+def report_sections(outputs, count: int, seed: int) -> dict:
+  """The questions with a true answer (label >= 0) that the report shows, up to `count` per
+  section: {'sample': drawn by the seed, 'wrong': wrong answers drawn by the seed, 'uncertain':
+  the highest predictive entropy, 'confident_wrong': the wrong answers of lowest predictive
+  entropy} as record numbers. Rankings break ties by record number."""
   candidates = np.flatnonzero(outputs['answer'] >= 0)
-  indices = candidates[sample_indices(len(candidates), config.report_questions, config.seed)]
+  wrong = candidates[outputs['probs'][candidates].argmax(-1) != outputs['answer'][candidates]]
+  entropy = outputs['predictive_entropy']
+  return {
+      'sample': candidates[sample_indices(len(candidates), count, seed)],
+      'wrong': wrong[sample_indices(len(wrong), count, seed)],
+      'uncertain': candidates[np.argsort(-entropy[candidates], kind='stable')[:count]],
+      'confident_wrong': wrong[np.argsort(entropy[wrong], kind='stable')[:count]],
+  }
+
+
+def explain_sample(outputs, source, vocab, config, preprocess=None, display=None) -> dict:
+  """The questions that the report shows: `report_sections` of `config.report_questions` each,
+  as their rows of `evaluate`'s outputs (a question in several sections once), with their
+  inputs, 'index' (their record numbers, sorted) and 'sections' ({section: record numbers}).
+  `display(image_ids) -> [n, S, S, 3] uint8` replaces 'image' with a picture when the model's
+  input is not one (grid features)."""
+  sections = report_sections(outputs, config.report_questions, config.seed)
+  indices = np.unique(np.concatenate(list(sections.values())))
   sample = {**{k: v[indices] for k, v in outputs.items()},
-            **read_questions(source, indices, vocab, config, preprocess), 'index': indices}
+            **read_questions(source, indices, vocab, config, preprocess), 'index': indices,
+            'sections': sections}
   if display is not None:
     sample['image'] = display([int(source[int(i)]['image_id']) for i in indices])
   return sample
@@ -446,7 +482,7 @@ def monitor_metrics(out, batch, with_sigma2: bool = True) -> dict:
 
 
 def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir: str,
-                        answers=None) -> dict:
+                        answers=None, writer=None, step: int = 0) -> dict:
   """Evaluates on the test split (`evaluate`, `faithfulness`) and, on process 0, writes
   workdir/report/: the plots and the figures of `explain_sample` (`report.write`). Returns the
   test metrics; 'maps' holds, per map type, the agreement with the ground truth (splits with a
@@ -454,7 +490,8 @@ def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir:
 
   VQA (`answers`, the training run's `vqa_answers.AnswerVocabulary`): the validation split, or
   that of `config.eval_dataset` when set (e.g. 'vqa/v1_hat_questions': VQA-HAT); the visual
-  input as `config.features` says.
+  input as `config.features` says. `writer` (a `metric_writer.MetricWriter`, process 0's): the
+  first figure of each section of the report goes to TensorBoard at `step`.
   """
   if config.get('eval_dataset'):
     builder = input_pipeline.get_builder(config, config.eval_dataset)
@@ -503,4 +540,6 @@ def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir:
                  {f'test {k}': results[k] for k in ('accuracy', 'vqa_accuracy', 'ece', 'nll',
                                                     'brier') if k in results},
                  plots=plots, maps=results.get('maps'))
+    if writer is not None:
+      writer.write_images(step, report.first_figures(workdir, sample))
   return results

@@ -39,10 +39,16 @@ def absolute(path: epath.PathLike) -> epath.Path:
 
 
 def write_text(path: epath.PathLike, text: str) -> None:
+  """Writes the file whole (see `write_bytes`), UTF-8 (epath's gs:// text mode uses the
+  locale)."""
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: epath.PathLike, data: bytes) -> None:
   """Writes the file whole, so that no reader (another process, a run after a crash) sees half
   of it: locally via a rename; a Cloud Storage upload is whole by itself (a rename there would
   be a copy and a delete)."""
-  path, data = epath.Path(path), text.encode()  # UTF-8: epath's gs:// text mode uses the locale.
+  path = epath.Path(path)
   if not is_local(path):
     path.write_bytes(data)
     return

@@ -114,6 +114,7 @@ def check_config(config) -> None:
   try:
     gca.check_config(config.ucam)
     evaluate.check_config(config)
+    profile_window(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -275,12 +276,35 @@ def check_same_model(workdir: str, config) -> None:
         + '. Resume with the same config, or start afresh with a new --workdir.')
 
 
+def profile_window(config) -> tuple[int, int] | None:
+  """`config.profile_steps` 'a,b' -> (a, b), the first and last step to trace (inclusive);
+  '' -> None. Raises ValueError on anything else."""
+  text = config.profile_steps.strip()
+  if not text:
+    return None
+  try:
+    first, last = (int(x) for x in text.split(','))
+  except ValueError:
+    first, last = 0, -1
+  if not 1 <= first <= last:
+    raise ValueError(f"config.profile_steps is {text!r}: give the first and last step to "
+                     "profile, 'a,b' with 1 <= a <= b (e.g. '10,12'), or '' for none.")
+  return first, last
+
+
+def stop_trace(state) -> None:
+  """Ends `jax.profiler` tracing once the traced steps have run (dispatch is asynchronous)."""
+  jax.block_until_ready(state)
+  jax.profiler.stop_trace()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.dataset`, evaluates on the test split, writes the workdir.
 
-  Writes config.json, vocabulary.json (VQA: and answers.json), checkpoints/, metrics.jsonl,
-  curves.png, metrics.json and report/ (plots, explanation figures, index.html; see
-  `evaluate.evaluate_and_report`).
+  Writes config.json, vocabulary.json (VQA: and answers.json), checkpoints/, metrics.jsonl and
+  TensorBoard event files (`metric_writer`), curves.png, metrics.json and report/ (plots,
+  explanation figures, index.html; see `evaluate.evaluate_and_report`); with
+  `config.profile_steps` 'a,b', a `jax.profiler` trace of steps a to b in plugins/profile/.
   Returns the contents of metrics.json. With several processes each trains on its slice of every
   batch and all take part in each checkpoint; only process 0 writes the other files and reports.
   SIGTERM (preemption) checkpoints at the next step and returns early, as `stop_at_step` does.
@@ -354,14 +378,22 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
                                       with_sigma2=config.ucam.mode != 'none')
   stop_step = min(num_steps, config.stop_at_step or num_steps)
   batches = input_pipeline.train_batches(groups, config, start_step)
-  pending, last_train, preempted = [], {}, False
+  profile = profile_window(config)
+  schedule = learning_rate_schedule(config, num_steps)
+  pending, last_train, preempted, tracing = [], {}, False, False
   window_start = time.time()
   with (distributed.preemption_notice() as preemption_reached,
         tqdm(total=num_steps, initial=start_step, desc='train', mininterval=2,
              disable=not main_process) as bar):
     for step in range(start_step + 1, stop_step + 1):
+      if profile and step == profile[0]:  # Into workdir/plugins/profile/<time>/.
+        jax.profiler.start_trace(str(storage.absolute(workdir)), create_perfetto_trace=True)
+        tracing = True
       train_fn = warmup_fn if step <= warmup_steps else step_fn
       state, step_metrics = train_fn(state, sharding.shard_batch(next(batches), mesh))
+      if tracing and step == profile[1]:
+        stop_trace(state)
+        tracing = False
       pending.append(step_metrics)
       bar.update()
       preempted = preemption_reached(step)  # Asked at every step: processes agree on the step.
@@ -380,6 +412,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
                                            / sum(m['questions'] for m in have))
         questions = sum(m['questions'] for m in pending)
         last_train['questions_per_sec'] = float(questions) / (time.time() - window_start)
+        last_train['learning_rate'] = float(schedule(step - 1))  # That of the step's update.
         if monitor and step % config.monitor_every_steps == 0:
           last_train.update(monitor(state.params))
         if writer:
@@ -391,6 +424,8 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
         checkpoints.save(manager, step, state)
       if preempted:
         break
+  if tracing:  # Stopped (stop_at_step, SIGTERM) before the window's last step.
+    stop_trace(state)
   manager.wait_until_finished()
   manager.close()
 
@@ -400,12 +435,14 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
       print(f'Stopped at step {int(state.step)} of {num_steps} '
             f"({'SIGTERM' if preempted else 'stop_at_step'}); the checkpoint is saved: rerun the "
             'same command to resume.')
+      writer.close()
     return results
   test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
-                                      workdir, answers=answers)
+                                      workdir, answers=answers, writer=writer, step=num_steps)
   results.update(test=test, wall_time_s=time.time() - start_time)
   if main_process:
     writer.write(num_steps, {f'test_{k}': test[k] for k in ('accuracy', 'loss', 'ece')})
+    writer.close()
     metric_writer.plot_curves(workdir)
     storage.write_text(epath.Path(workdir) / 'metrics.json', json.dumps(results, indent=2))
   return results
