@@ -310,10 +310,13 @@ def _numeric_fields(config, prefix=''):
 def test_every_numeric_field_of_every_config_has_a_range():
   """A field added to a config without a range in train.RANGES (or the checks it names) fails
   here."""
-  elsewhere = {'ucam.aleatoric_samples', 'ucam.predictive_samples', 'mc_samples',
+  elsewhere = {'ucam.aleatoric_samples', 'ucam.predictive_samples', 'ucam.warmup',
+               'ucam.uncertainty_weight', 'ucam.variance_learning_rate', 'mc_samples',
                'report_questions', 'faithfulness_questions', 'faithfulness_steps'}
   for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
     module = os.path.splitext(os.path.basename(path))[0]
+    if module == '__init__':
+      continue
     config = __import__(f'configs.{module}', fromlist=['get_config']).get_config()
     missing = set(_numeric_fields(config)) - set(train.RANGES) - elsewhere
     assert not missing, (module, missing)
@@ -328,7 +331,7 @@ def test_every_numeric_field_of_every_config_has_a_range():
 def test_a_damaged_dataset_record_names_its_file_and_says_rebuild(small_data_dir, tmp_path):
   data_dir = str(tmp_path / 'tfds')
   shutil.copytree(small_data_dir, data_dir)
-  [path] = glob.glob(os.path.join(data_dir, 'easy_vqa', '*', '*-train.array_record-*'))
+  [path] = glob.glob(os.path.join(data_dir, 'ucam_easy_vqa', '*', '*-train.array_record-*'))
   _flip_bytes(path)
   with pytest.raises(input_pipeline.DamagedDataset) as raised:
     train.train_and_evaluate(_config(data_dir), str(tmp_path / 'run'))
@@ -342,15 +345,16 @@ def test_a_killed_dataset_build_is_cleaned_at_the_next_start(small_data_dir, tmp
   data_dir = str(tmp_path / 'tfds')
   shutil.copytree(small_data_dir, data_dir)
   prepared = _tree(data_dir)
-  leftover = os.path.join(data_dir, 'easy_vqa', 'incomplete.K1LLED_1.0.0')
+  leftover = os.path.join(data_dir, 'ucam_easy_vqa', 'incomplete.K1LLED_1.0.0')
   os.makedirs(leftover)
-  with open(os.path.join(leftover, 'easy_vqa-train.array_record-00000-of-00001'), 'wb') as f:
+  with open(os.path.join(leftover, 'ucam_easy_vqa-train.array_record-00000-of-00001'),
+            'wb') as f:
     f.write(b'half a shard')
   builder = input_pipeline.get_builder(_config(data_dir))
   assert not os.path.exists(leftover)
   after = _tree(data_dir)
   for tree in (prepared, after):
-    tree.pop(os.path.join('easy_vqa', '.build.lock'), None)  # Each build's lock.
+    tree.pop(os.path.join('ucam_easy_vqa', '.build.lock'), None)  # Each build's lock.
   assert after == prepared and builder.info.splits['train'].num_examples > 0
 
 

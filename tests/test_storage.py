@@ -15,7 +15,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from tests.conftest import tiny_config
 from tests.test_train import read_events
-from ucam_jax import metric_writer, storage, train
+from ucam_jax import checkpoints, metric_writer, storage, train
 
 WORKDIR = 'gs://bucket/runs/san'
 
@@ -87,11 +87,10 @@ def test_absolute_keeps_urls_and_resolves_local_paths(tmp_path):
 def test_checkpoints_of_a_gs_workdir_go_to_the_bucket(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   directories = []
-  monkeypatch.setattr(ocp, 'CheckpointManager',
-                      lambda directory, options: directories.append(os.fspath(directory)))
-  config = tiny_config(None)
-  train.checkpoint_manager(WORKDIR, config)
-  train.checkpoint_manager('run', config)
+  monkeypatch.setattr(ocp, 'CheckpointManager', lambda directory, options, item_handlers:
+                      directories.append(os.fspath(directory)))
+  checkpoints.manager(WORKDIR)
+  checkpoints.manager('run')
   assert directories == [f'{WORKDIR}/checkpoints', str(tmp_path / 'run' / 'checkpoints')]
 
 
@@ -121,9 +120,10 @@ def test_train_resume_and_report_in_a_gs_workdir(fake_gcs, small_data_dir, tmp_p
                                                  monkeypatch):
   """Every file of a run but the checkpoints, in the bucket, through a stop and a resume."""
   local_checkpoints = tmp_path / 'local'
-  manager = train.checkpoint_manager
-  monkeypatch.setattr(train, 'checkpoint_manager',
-                      lambda workdir, config: manager(str(local_checkpoints), config))
+  manager = checkpoints.manager
+  monkeypatch.setattr(checkpoints, 'manager',
+                      lambda workdir, *args, **kwargs: manager(str(local_checkpoints), *args,
+                                                               **kwargs))
   config = tiny_config(small_data_dir, num_train_steps=4, log_every_steps=1,
                        checkpoint_every_steps=2, mc_samples=2, eval_batch_size=64,
                        report_questions=1)
