@@ -95,14 +95,8 @@ def load(workdir: str, step: int | None = None) -> Run:
   image_shape = tuple(builder.info.features['image'].shape)
 
   model = models.get_model(config, vocab.size, len(answers))
-  example = {'image': jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
-             'question': jax.ShapeDtypeStruct((1, 1, config.max_question_length), jnp.int32),
-             'length': jax.ShapeDtypeStruct((1, 1), jnp.int32)}
-  abstract = jax.eval_shape(lambda b: train.create_train_state(config, model, 1, b), example)
-  mesh = sharding.make_mesh()
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-      abstract)
+  abstract = train.abstract_train_state(
+      config, model, jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8), sharding.make_mesh())
   with checkpoints.manager(workdir, read_only=True) as manager:
     state = checkpoints.restore_verified(manager, step, abstract)  # Digests and finite values.
   return Run(

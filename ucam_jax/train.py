@@ -146,6 +146,18 @@ def create_train_state(config, model: nn.Module, num_steps: int, batch) -> Train
                            tx=make_optimizer(config, num_steps), rng=train_rng)
 
 
+def abstract_train_state(config, model: nn.Module, visual: jax.ShapeDtypeStruct, mesh):
+  """The shapes and dtypes of `create_train_state`'s state, replicated over `mesh`, to restore a
+  checkpoint into without computing parameters. visual: one example's image or grid [1, ...]."""
+  example = {'image': visual,
+             'question': jax.ShapeDtypeStruct((1, 1, config.max_question_length), jnp.int32),
+             'length': jax.ShapeDtypeStruct((1, 1), jnp.int32)}
+  abstract = jax.eval_shape(lambda batch: create_train_state(config, model, 1, batch), example)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+      abstract)
+
+
 def group_features(apply_fn, params, batch):
   """Features of a batch of question groups, one row per question [b * g]: each image is encoded
   once and its grid is repeated for its g questions. Returns (v, e, lengths), see gca.answer."""
@@ -503,13 +515,7 @@ def _evaluate_checkpoint(config, workdir: str, step: int, start_time: float) -> 
     visual = jax.ShapeDtypeStruct((1, *config.grid_shape), jnp.float16)
   else:
     visual = jax.ShapeDtypeStruct((1, *builder.info.features['image'].shape), jnp.uint8)
-  example = {'image': visual,
-             'question': jax.ShapeDtypeStruct((1, 1, config.max_question_length), jnp.int32),
-             'length': jax.ShapeDtypeStruct((1, 1), jnp.int32)}
-  abstract = jax.eval_shape(lambda batch: create_train_state(config, model, 1, batch), example)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=sharding.replicated(mesh)),
-                          abstract)
+  abstract = abstract_train_state(config, model, visual, mesh)
   with checkpoints.manager(workdir, read_only=True) as manager:
     try:
       state = checkpoints.restore_verified(manager, step, abstract)
