@@ -240,8 +240,9 @@ def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool
 
   def variance_used(out, predictive):
     """[n]: the variance that U uses (sigma2, the predictive one, or their sum)."""
-    return {'aleatoric': out['sigma2'], 'predictive': predictive,
-            'both': out['sigma2'] + (0 if predictive is None else predictive)}[ucam.uncertainty]
+    if ucam.uncertainty == 'aleatoric':
+      return out['sigma2']
+    return predictive if ucam.uncertainty == 'predictive' else out['sigma2'] + predictive
 
   def map_source(v, e):
     """What the maps differentiate: U of the model's own answer (never of the true one, which
