@@ -71,6 +71,9 @@ class GroundedShapesConfig(tfds.core.BuilderConfig):
   min_objects: int = 2
   max_objects: int = 4
   questions_per_image: int = 8
+  # The question families asked, a bit mask over FAMILIES (1 attribute, 2 existence, 4 counting,
+  # 8 spatial): 15, every family.
+  families: int = 15
 
 
 SETTINGS = tuple(f.name for f in dataclasses.fields(GroundedShapesConfig)
@@ -103,9 +106,19 @@ def make_config(**settings) -> GroundedShapesConfig:
     raise ValueError(f'grounded_shapes: max_objects={c.max_objects} objects do not fit in '
                      f'image_size={c.image_size} images (at most {fit} objects of up to '
                      f'{largest - GAP} pixels fit); lower max_objects or raise image_size.')
+  if not 0 < c.families < 2 ** len(FAMILIES):
+    raise ValueError(f'grounded_shapes: families={c.families} must be a bit mask of FAMILIES '
+                     f'{FAMILIES}, 1 to {2 ** len(FAMILIES) - 1}.')
   name = (f'seed{c.seed}_train{c.num_train_images}_test{c.num_test_images}_size{c.image_size}'
           f'_objects{c.min_objects}to{c.max_objects}_questions{c.questions_per_image}')
+  if c.families != 2 ** len(FAMILIES) - 1:  # Every family: the name that builds always had.
+    name += f'_families{c.families}'
   return dataclasses.replace(c, name=name, version=GroundedShapes.VERSION)
+
+
+def asked_families(families: int) -> tuple[str, ...]:
+  """The families of a `families` bit mask."""
+  return tuple(f for i, f in enumerate(FAMILIES) if families >> i & 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,11 +279,11 @@ def _pick(rng: np.random.Generator, family: str, candidates: list[Question]) -> 
   return candidates[rng.integers(len(candidates))]
 
 
-def choose_questions(rng: np.random.Generator, objects: list[Object],
-                     count: int) -> list[Question]:
-  """Up to `count` distinct questions, cycling over the families in a random order (a family
-  with nothing left to ask is skipped)."""
-  candidates = candidate_questions(objects)
+def choose_questions(rng: np.random.Generator, objects: list[Object], count: int,
+                     families: tuple[str, ...] = FAMILIES) -> list[Question]:
+  """Up to `count` distinct questions of `families`, cycling over them in a random order (a
+  family with nothing left to ask is skipped)."""
+  candidates = {f: q if f in families else [] for f, q in candidate_questions(objects).items()}
   order = [FAMILIES[i] for i in rng.permutation(len(FAMILIES))]
   chosen = []
   while len(chosen) < count and any(candidates.values()):
@@ -295,7 +308,8 @@ def generate_scene(config: GroundedShapesConfig, split: str, image_id: int) -> S
     mask = shape_mask(shape, top, left, side, size)
     image[mask] = COLOURS[colour]
     objects.append(Object(shape, colour, mask))
-  return Scene(image, objects, choose_questions(rng, objects, config.questions_per_image))
+  return Scene(image, objects, choose_questions(rng, objects, config.questions_per_image,
+                                                    asked_families(config.families)))
 
 
 def summary(split: str, num_images: int, questions: list[Question]) -> str:
