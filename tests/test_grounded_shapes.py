@@ -232,3 +232,18 @@ def test_project_config_questions_fit_without_truncation():
 def test_bad_settings_name_the_setting(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     gs.GroundedShapes(data_dir=str(tmp_path), **{**SETTINGS, **overrides})
+
+
+def test_families_mask_picks_the_families_asked_and_names_the_build():
+  assert '_families' not in gs.make_config(**SETTINGS).name  # Every family: the old name.
+  config = gs.make_config(**{**SETTINGS, 'families': 0b0101})  # attribute and counting
+  assert config.name.endswith('_families5')
+  everything = gs.make_config(**SETTINGS)
+  for image_id in range(20):
+    scene = gs.generate_scene(config, 'train', image_id)
+    assert scene.questions and {q.family for q in scene.questions} <= {'attribute', 'counting'}
+    # The image and objects do not depend on the families asked.
+    np.testing.assert_array_equal(scene.image, gs.generate_scene(everything, 'train',
+                                                                 image_id).image)
+  with pytest.raises(ValueError, match='families'):
+    gs.make_config(**{**SETTINGS, 'families': 16})
