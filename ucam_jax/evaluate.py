@@ -441,14 +441,25 @@ def display_images(builder, split: str, size: int = 224):
   return display
 
 
+def stored_images(builder, split: str, table):
+  """Synthetic datasets on grid features: `display(image_ids)` -> [n, H, W, 3] uint8, the
+  stored images, for the report's figures."""
+  source = input_pipeline.data_source(builder, split)
+  first = {}
+  for record, image_id in enumerate(table.image_id):
+    first.setdefault(int(image_id), record)
+  return lambda image_ids: np.stack([source[first[int(i)]]['image'] for i in image_ids])
+
+
 def evaluation_source(builder, split: str, vocab, config, answers=None, with_mask=False,
                       model_grid=None):
   """(source, preprocess, table) of a split as the evaluation reads it: `preprocess` for
-  `input_pipeline.eval_batches` (None: the default one), and VQA's question table (else None).
+  `input_pipeline.eval_batches` (None: the default one), and the question table (VQA, or grid
+  features; else None).
   VQA with masks needs `model_grid(example visual input) -> (h, w)`, the grid its maps go to."""
-  if answers is None:
-    return input_pipeline.data_source(builder, split, with_mask=with_mask), None, None
   kind = input_pipeline.check_features(config)
+  if answers is None and kind == 'image':
+    return input_pipeline.data_source(builder, split, with_mask=with_mask), None, None
   source = input_pipeline.data_source(builder, split, with_mask=with_mask, features=kind)
   table = input_pipeline.question_table(builder, split)
   visual = (input_pipeline.visual_reader(builder, split, source, table, config)
@@ -511,8 +522,9 @@ def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir:
   else:
     answer_names = list(answers.answers)
     human_answers, answer_types = table.human_answers, table.answer_type
-    if input_pipeline.check_features(config) == 'grid':
-      display = display_images(builder, split)
+  if input_pipeline.check_features(config) == 'grid':
+    display = (display_images(builder, split) if answers is not None
+               else stored_images(builder, split, table))
   batches, num_batches = input_pipeline.eval_batches(source, vocab, config, with_mask=with_mask,
                                                      preprocess=preprocess)
   results, outputs = evaluate(

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_sources
 
-from ucam_jax import storage, vqa_answers
+from ucam_jax import pretrain_features, storage, vqa_answers
 from ucam_jax.datasets import vqa
 from ucam_jax.datasets.easy_vqa import EasyVqa
 from ucam_jax.datasets.grounded_shapes import GroundedShapes
@@ -261,20 +261,23 @@ def check_features(config) -> str:
 
 def visual_reader(builder, split: str, source, table: QuestionTable, config):
   """The reader of the model's visual input for `split` under `config.features`: the examples'
-  images, or (VQA, 'grid') the store of the split's image folder, checked to hold every image
-  the questions use with grids of `config.grid_shape`."""
+  images, or ('grid') the store of the split's image folder (VQA) or of the frozen extractor
+  (`pretrain_features`, the synthetic datasets), checked to hold every image the questions use
+  with grids of `config.grid_shape`."""
   if check_features(config) == 'image':
     if 'image' not in builder.info.features:
       raise ValueError(f'vqa/{builder.builder_config.name} stores no images; with '
                        "config.features='image' choose an image config (e.g. 'vqa/v1'), or "
                        "set config.features='grid'.")
     return ImageReader(source)
-  if not isinstance(builder, vqa.Vqa):
-    raise ValueError("config.features='grid' reads VQA grid-feature stores; "
-                     f"{config.dataset} has images: set config.features='image'.")
   if not config.get('grid_shape'):
     raise ValueError("config.features='grid' needs config.grid_shape, the [h, w, c] of the "
                      'stored grids (ResNet-152 at 448 px: (14, 14, 2048)).')
+  if not isinstance(builder, vqa.Vqa):  # Synthetic images: the frozen extractor's store.
+    if not config.get('extractor'):
+      raise ValueError(f"config.features='grid' on {config.dataset} reads the grids of a frozen "
+                       'extractor: set config.extractor (ucam_jax/pretrain_features.py).')
+    return GridReader(pretrain_features.open_store(builder, split, config, table.image_id))
   return GridReader(builder.open_grid_store(split, tuple(config.grid_shape), table.image_id))
 
 
