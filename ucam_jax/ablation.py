@@ -3,6 +3,7 @@
   python -m ucam_jax.ablation                    # the table of docs/results.md (~2 h, 2 cores)
   python -m ucam_jax.ablation --preset=smoke     # every cell at toy size, 2 seeds (minutes)
   python -m ucam_jax.ablation --preset=switches  # GCA's design switches on a validation draw
+  python -m ucam_jax.ablation --preset=paper --figures=docs  # the fair protocol (protocol.py)
 
 Trains and evaluates each variant of `VARIANTS` (the baseline, the uncertainty loss alone, GCA
 with aleatoric, predictive and both uncertainties, and GCA on the image or the question branch
@@ -29,8 +30,8 @@ import time
 
 from absl import app, flags, logging
 
-from configs import grounded_shapes, san
-from ucam_jax import hugepages, train
+from configs import grounded_shapes, grounded_shapes_grid, san
+from ucam_jax import hugepages, protocol, train
 
 # Each variant is config.ucam's overrides; the rest of config.ucam is configs/san.py's.
 VARIANTS = {
@@ -149,6 +150,58 @@ PRESETS = {
         'grounded_shapes': (grounded_shapes.get_config, dict(num_epochs=32.0, **_EVALUATION)),
     }),
 }
+
+# The fair protocol (ucam_jax/protocol.py): the published base model on frozen grid features of
+# grounded shapes; each variant's own search on the validation draw, then 5 seeds on the test
+# draw. 'A-GCA, published recipe' is the published loss and maps (configs/san.py's PUBLISHED_*);
+# the other variants use configs/san.py's defaults, the settings the uncertainty search chose.
+PAPER_VARIANTS = {**VARIANTS, 'A-GCA, published recipe': _from_published(mode='mask',
+                                                                         branch='both')}
+_PAPER_RUN = dict()  # configs/grounded_shapes_grid.py as it is.
+PAPER_PRESETS = {
+    'paper': dict(variants=PAPER_VARIANTS, seeds=(0, 1, 2, 3, 4), search_seed=0,
+                  make_config=grounded_shapes_grid.get_config,
+                  validation=dict(_PAPER_RUN, dataset_kwargs=dict(seed=1)),
+                  test=dict(_PAPER_RUN, dataset_kwargs=dict(seed=0))),
+    # The same steps at toy size: two variants, two settings each, two seeds.
+    'paper_smoke': dict(
+        variants={k: PAPER_VARIANTS[k] for k in ('baseline', 'A-GCA')}, seeds=(0, 1),
+        search_seed=0, learning_rates=(1e-3,), make_config=grounded_shapes_grid.get_config,
+        validation=dict(dataset_kwargs=dict(seed=1)), test=dict(dataset_kwargs=dict(seed=0)),
+        smoke=dict(
+            num_train_steps=2, batch_size=4, eval_batch_size=64, mc_samples=2,
+            report_questions=1, faithfulness_questions=4, faithfulness_steps=2,
+            dataset_kwargs=dict(num_train_images=8, num_test_images=4, image_size=32),
+            extractor=dict(num_images=8, image_size=32, grid=4, width=4, features=8, steps=2,
+                           batch_size=4),
+            grid_shape=(4, 4, 8),
+            model=dict(embed_dim=8, question_dim=8, attention_dim=8, classifier_dim=8,
+                       variance_hidden_dim=4))),
+}
+PRESETS.update({name: dict(seeds=spec['seeds'], variants=spec['variants'], datasets={})
+                for name, spec in PAPER_PRESETS.items()})
+
+
+def paper_run_config(spec: dict, data_dir):
+  """make_run_config(draw overrides, ucam, seed) of a PAPER_PRESETS entry, for
+  `protocol.run_protocol`."""
+  def make(draw: dict, ucam: dict, seed: int):
+    config = spec['make_config']()
+    for overrides in (spec.get('smoke', {}), draw):
+      for key, value in overrides.items():
+        if isinstance(value, dict):
+          config[key].update(value)
+        else:
+          config[key] = value
+    ucam = dict(ucam)
+    config.model.update(ucam.pop('model', {}))
+    config.ucam.update(ucam)
+    config.seed = seed
+    config.data_dir = data_dir
+    return config
+  return make
+
+
 SMOKE_MODEL = dict(stem_features=(8, 16), embed_dim=16, hidden_dim=32, attention_dim=16,
                    classifier_dim=32)
 
@@ -331,6 +384,33 @@ def machine() -> str:
   return f'{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}'
 
 
+def paper_main(FLAGS, out: str, start: float) -> None:
+  """The fair protocol: search, pick, test, claims (protocol.py); writes <out>/results.json,
+  --results (markdown) and, with --figures, one figure per claim."""
+  spec = PAPER_PRESETS[FLAGS.preset]
+  results = protocol.run_protocol(
+      spec, out, paper_run_config(spec, FLAGS.data_dir),
+      log=lambda message: print(f'[{time.time() - start:7.0f} s] {message}', file=sys.stderr,
+                                flush=True),
+      variants=FLAGS.variants, seeds=[int(s) for s in FLAGS.seeds or ()])
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  runs = [r for r in results['search'] + results['test'] if 'wall_time_s' in r]
+  command = 'python -m ucam_jax.ablation ' + ' '.join(sys.argv[1:])
+  text = (f'Command: `{command.strip()}`\n\nMachine: {machine()}\n\n'
+          f'Wall time: {sum(r["wall_time_s"] for r in runs) / 60:.0f} min, the sum of the '
+          f'{len(runs)} finished runs ({statistics.median(r["wall_time_s"] for r in runs):.0f} s '
+          'median)\n\n' if runs else '') + protocol.report(results)
+  if FLAGS.figures:
+    paths = protocol.plot_claims(results['claims'], FLAGS.figures)
+    text += '\n' + '\n'.join(f'![claim {k}]({os.path.basename(p)})'
+                             for k, p in enumerate(paths, 1)) + '\n'
+  with open(FLAGS.results or os.path.join(out, 'results.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
 def define_flags():
   """The command's flags; defined only when it runs, so importing this module cannot clash
   with the flags of ucam_jax.main."""
@@ -347,6 +427,8 @@ def define_flags():
   flags.DEFINE_float('num_epochs', None, 'Epochs of every dataset instead of the preset\'s; '
                      'give such runs their own --out.')
   flags.DEFINE_bool('table_only', False, 'Train nothing: the table of the runs done so far.')
+  flags.DEFINE_string('figures', None, 'paper presets: write one figure per claim, '
+                      '<figures>/ablation_claim<k>.png (e.g. docs).')
 
 
 def main(argv):
@@ -360,6 +442,8 @@ def main(argv):
     raise app.UsageError(f'Unknown variants {sorted(unknown)}; known: {list(known)}.')
   out = FLAGS.out or os.path.join('workdir', f'ablation_{FLAGS.preset}')
   start = time.time()
+  if FLAGS.preset in PAPER_PRESETS:
+    return paper_main(FLAGS, out, start)
   records = run_all(FLAGS.preset, out, FLAGS.data_dir, FLAGS.variants, FLAGS.datasets,
                     log=lambda message: print(f'[{time.time() - start:7.0f} s] {message}',
                                               file=sys.stderr, flush=True),
