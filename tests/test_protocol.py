@@ -86,6 +86,9 @@ def test_search_picks_on_validation_then_tests_seeds_resumes_and_gives_verdicts(
   assert [os.path.basename(p) for p in paths] == [f'ablation_claim{k}.png' for k in range(1, 5)]
   # Resumed: every run's metrics.json is read, nothing trains.
   trained.clear()
+  partial = protocol.run_protocol(spec, str(tmp_path / 'none'), make, log=lambda _: None,
+                                  train_missing=False)
+  assert not trained and not partial['search'] and not partial['test']
   again = protocol.run_protocol(spec, str(tmp_path), make, log=lambda _: None)
   assert not trained and again['claims'] == results['claims']
 

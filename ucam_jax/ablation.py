@@ -392,7 +392,8 @@ def paper_main(FLAGS, out: str, start: float) -> None:
       spec, out, paper_run_config(spec, FLAGS.data_dir),
       log=lambda message: print(f'[{time.time() - start:7.0f} s] {message}', file=sys.stderr,
                                 flush=True),
-      variants=FLAGS.variants, seeds=[int(s) for s in FLAGS.seeds or ()])
+      variants=FLAGS.variants, seeds=[int(s) for s in FLAGS.seeds or ()],
+      train_missing=not FLAGS.table_only)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)

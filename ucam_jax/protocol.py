@@ -244,10 +244,13 @@ def apply_setting(config: ml_collections.ConfigDict, setting: dict) -> ml_collec
   return config
 
 
-def _run(config, workdir: str, log, label: str) -> dict:
-  """Trains and evaluates `config` in `workdir` unless its metrics.json exists; the record."""
+def _run(config, workdir: str, log, label: str, train_missing: bool = True) -> dict:
+  """Trains and evaluates `config` in `workdir` unless its metrics.json exists; the record
+  (with train_missing=False, {'workdir', 'missing': True} for a run not done)."""
   path = os.path.join(workdir, 'metrics.json')
   if not os.path.exists(path):
+    if not train_missing:
+      return dict(workdir=workdir, missing=True)
     log(f'{label}: training in {workdir}')
     try:
       train.train_and_evaluate(config, workdir)
@@ -266,11 +269,12 @@ def _folder(name: str) -> str:
 
 
 def run_protocol(spec: dict, out: str, make_run_config, log=print, variants=None,
-                 seeds=None) -> dict:
+                 seeds=None, train_missing: bool = True) -> dict:
   """Search, pick, test (see the module docstring). `spec`: the preset ('variants', 'seeds',
   'search_seed', 'validation' and 'test': the overrides of the two draws, 'learning_rates').
   `make_run_config(draw_overrides, ucam, seed)` -> the run's ConfigDict. Returns {'search':
-  records, 'picked': {variant: setting name}, 'test': records, 'claims': `claim_rows`}."""
+  records, 'picked': {variant: setting name}, 'test': records, 'claims': `claim_rows`}.
+  train_missing=False: only the runs already done (a variant picks once its search is done)."""
   known = spec['variants']
   variants = variants or list(known)
   search, picked, settings = [], {}, {}
@@ -281,8 +285,11 @@ def run_protocol(spec: dict, out: str, make_run_config, log=print, variants=None
       config = apply_setting(make_run_config(spec['validation'], known[variant],
                                              spec['search_seed']), setting)
       record = _run(config, os.path.join(out, 'search', _folder(variant), name), log,
-                    f'search / {variant} / {name}')
+                    f'search / {variant} / {name}', train_missing)
       record.update(variant=variant, setting=name)
+      if record.get('missing'):
+        best = None
+        break
       search.append(record)
       if 'test' in record and (best is None or record['test']['accuracy'] > best[0]):
         best = (record['test']['accuracy'], name, setting)
@@ -297,7 +304,9 @@ def run_protocol(spec: dict, out: str, make_run_config, log=print, variants=None
       config = apply_setting(make_run_config(spec['test'], known[variant], seed),
                              settings[variant])
       record = _run(config, os.path.join(out, 'test', _folder(variant), f'seed{seed}'), log,
-                    f'test / {variant} / seed {seed}')
+                    f'test / {variant} / seed {seed}', train_missing)
+      if record.get('missing'):
+        continue
       record.update(variant=variant, seed=seed, setting=picked[variant])
       test.append(record)
   return dict(search=search, picked=picked, test=test, claims=claim_rows(test))
