@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
       dtype='float32'))
   config.batch_size = 32  # Images a batch, 8 questions each.
   config.learning_rate = 3e-3
-  config.num_epochs = 12.0
+  config.num_epochs = 20.0
   config.mc_samples = 10
   config.log_every_steps = 100
   config.monitor_every_steps = 0

@@ -169,7 +169,7 @@ PAPER_PRESETS = {
         search_seed=0, learning_rates=(1e-3,), make_config=grounded_shapes_grid.get_config,
         validation=dict(dataset_kwargs=dict(seed=1)), test=dict(dataset_kwargs=dict(seed=0)),
         smoke=dict(
-            num_train_steps=2, batch_size=4, eval_batch_size=64, mc_samples=2,
+            num_train_steps=2, batch_size=8, eval_batch_size=64, mc_samples=2,
             report_questions=1, faithfulness_questions=4, faithfulness_steps=2,
             dataset_kwargs=dict(num_train_images=8, num_test_images=4, image_size=32),
             extractor=dict(num_images=8, image_size=32, grid=4, width=4, features=8, steps=2,
