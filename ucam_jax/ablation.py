@@ -388,6 +388,8 @@ def paper_main(FLAGS, out: str, start: float) -> None:
   """The fair protocol: search, pick, test, claims (protocol.py); writes <out>/results.json,
   --results (markdown) and, with --figures, one figure per claim."""
   spec = PAPER_PRESETS[FLAGS.preset]
+  if FLAGS.learning_rates:
+    spec = dict(spec, learning_rates=tuple(float(lr) for lr in FLAGS.learning_rates))
   results = protocol.run_protocol(
       spec, out, paper_run_config(spec, FLAGS.data_dir),
       log=lambda message: print(f'[{time.time() - start:7.0f} s] {message}', file=sys.stderr,
@@ -428,6 +430,8 @@ def define_flags():
   flags.DEFINE_float('num_epochs', None, 'Epochs of every dataset instead of the preset\'s; '
                      'give such runs their own --out.')
   flags.DEFINE_bool('table_only', False, 'Train nothing: the table of the runs done so far.')
+  flags.DEFINE_list('learning_rates', None, 'paper presets: the learning rates each variant '
+                    'searches (default 1e-3, 3e-3; one halves the search).')
   flags.DEFINE_string('figures', None, 'paper presets: write one figure per claim, '
                       '<figures>/ablation_claim<k>.png (e.g. docs).')
 
