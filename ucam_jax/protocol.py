@@ -194,7 +194,7 @@ def claims_table(claims: list[dict]) -> str:
       interval = (f"{_cell(row['mean'])} [{_cell(row['low'])}, {_cell(row['high'])}]"
                   if row['n'] else 'n/a')
       p = f"{row['p']:.4f}" if row['n'] else 'n/a'
-      mark = 'shown' if row['shown'] else 'not shown'
+      mark = 'n/a' if not row['n'] else 'shown' if row['shown'] else 'not shown'
       lines.append(f"| {claim['claim'].split('.')[0] if i else claim['claim']} | "
                    f"{row['variant']} - {row['reference']} | {row['column']} ({side}) | "
                    f"{row['n']} | {interval} | {p} | {mark} |")
@@ -339,7 +339,7 @@ def seeds_table(test: list[dict]) -> str:
           values.append(METRICS[column](r['test']))
         except (KeyError, TypeError):
           pass
-      values = [v for v in values if v is not None]
+      values = [float(v) for v in values if v is not None and math.isfinite(v)]
       cells.append('n/a' if not values else f'{statistics.mean(values):.4f}' + (
           f' ± {statistics.stdev(values):.4f}' if len(values) > 1 else ''))
     seconds = statistics.median(r['wall_time_s'] for r in runs) if runs else float('nan')
@@ -353,7 +353,7 @@ def report(results: dict) -> str:
   """Markdown: the search, the test table and the claims with their verdicts."""
   return ('### Search on the validation draw (selection: validation accuracy)\n\n'
           + search_table(results['search'], results['picked'])
-          + '\n\n### The picked settings, 5 seeds on the test draw (mean ± sd)\n\n'
+          + '\n\n### The picked settings on the test draw, one run a seed (mean ± sd)\n\n'
           + seeds_table(results["test"])
           + '\n\n### Claims: paired differences from the reference, same training seed\n\n'
           + claims_table(results['claims']) + '\n')
