@@ -243,6 +243,8 @@ def summarise(out, config, answer_names=None, family_names=None, human_answers=N
         [answer_names[p] for p in out['probs'].argmax(-1)], human_answers, answer_types)
     results['vqa_accuracy'] = official.overall
     results['vqa_accuracy_per_answer_type'] = official.per_answer_type
+    results['vqa_questions_per_answer_type'] = {
+        t: int(n) for t, n in zip(*np.unique(np.asarray(answer_types), return_counts=True))}
   labelled = out['answer'] >= 0
   if answer_types is not None or not labelled.all():
     results['num_labelled'] = int(labelled.sum())
@@ -287,6 +289,13 @@ def summarise(out, config, answer_names=None, family_names=None, human_answers=N
                'spearman_questions': int(np.isfinite(rho).sum()),
                'pointing_game': float(hits.mean())}
         for name, (rho, hits) in attention_agreement(out).items()}
+    # Dense ground truth (VQA-HAT: non-zero almost everywhere, so every map 'points' into it):
+    # the pointing game against its cells holding the top 15% of its mass, and its chance level.
+    for name, m in map_types(out).items():
+      hits, chance = metrics.pointing_game_top_mass(m, out['ground_truth'])
+      results['maps'][name]['pointing_game_top'] = float(hits.mean())
+    results['pointing_game_top_mass'] = metrics.POINTING_MASS
+    results['pointing_game_top_chance'] = float(chance.mean())
     results['map_grid'] = list(out['ground_truth'].shape[1:])
   return results
 
