@@ -14,7 +14,9 @@ has one; on VQA per answer type); calibration; per uncertainty score, AUROC / AU
 detecting wrong answers; accuracy against the fraction of questions retained by predictive
 entropy; and, on splits with a ground-truth 'mask' (or VQA-HAT maps), each map type's
 Spearman rank correlation with the mask's share of each grid cell (the mean over the questions
-where it is defined) and its pointing game. `faithfulness` adds deletion
+where it is defined) and its pointing games: on any ground-truth cell (sparse masks), and on
+the ground truth's top 15% of mass (`metrics.pointing_game_top_mass`: dense human maps, with
+its chance level). `faithfulness` adds deletion
 and insertion AUC on a fixed sample of questions; `evaluate_and_report` runs it all on the test
 split and writes workdir/report/ (training's end and `--mode=eval` share it).
 

@@ -7,12 +7,15 @@ r"""Grid features of the COCO images of a VQA split, with a Flax ResNet from a l
 Reads the questions of the split (the layout of `datasets/vqa.py`), and for every image they use
 (for 'test' / 'test_dev': both splits' questions, which share test2015/) squashes it to
 image_size x image_size as the image configs do, applies the ResNet (jitted, data parallel over
-the local devices), L2-normalises each cell over channels (SPEC section 3: the store holds what
-the model consumes) and writes the grid as float16 to the store <out>/<image folder>, e.g.
-<out>/train2014 (`datasets.grid_store`). ResNet-152 at 448 px: 14x14x2048, 784 kB per image.
+every device: training's ('data',) mesh; bfloat16 with --dtype), L2-normalises each cell over
+channels (SPEC section 3: the store holds what the model consumes) and writes the grid as
+float16 to the store <out>/<image folder>, e.g. <out>/train2014 (`datasets.grid_store`).
+ResNet-152 at 448 px: 14x14x2048, 784 kB per image.
 
 Interrupted runs resume: rerun the same command. The store appears under its name only when
-complete. How to convert the ImageNet weights: docs/grid_features.md and `models/resnet.py`.
+complete. A progress bar shows images/s and the time left. How to convert the ImageNet weights,
+measured speeds and batch sizes: docs/grid_features.md and `models/resnet.py`. A missing weights
+file, question file or image is one message without a traceback (`errors.MissingFiles`).
 """
 
 import concurrent.futures

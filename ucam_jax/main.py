@@ -102,10 +102,10 @@ def summary(test: dict, run: str) -> str:
     lines.append('Spearman with the ground-truth attention: ' + ', '.join(
         f"{name} {_fmt(values['spearman'])}" for name, values in maps.items()))
   if 'pointing_game_top' in next(iter(maps.values()), {}):
-    chance = test.get('pointing_game_top_chance')
-    lines.append(f"pointing game (peak in the ground truth's top {test['pointing_game_top_mass']:.0%}"
-                 f" mass; chance {_fmt(chance)}): " + ', '.join(
-                     f"{name} {_fmt(values['pointing_game_top'])}" for name, values in maps.items()))
+    mass, chance = test['pointing_game_top_mass'], test.get('pointing_game_top_chance')
+    lines.append(f"pointing game (peak in the ground truth's top {mass:.0%} mass; chance "
+                 f'{_fmt(chance)}): ' + ', '.join(f"{name} {_fmt(values['pointing_game_top'])}"
+                                                  for name, values in maps.items()))
   return '\n'.join(lines)
 
 

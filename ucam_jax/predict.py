@@ -134,9 +134,7 @@ def predict_checkpoint(config, workdir: str, split: str | None = None,
     state, builder, vocab, answer_names, answers, mesh = train.load_trained(config, workdir, step)
     split = split or input_pipeline.evaluation_split(builder)
     if split not in builder.info.splits:
-      why = ''
-      if isinstance(builder, vqa.Vqa) and builder._manual_dir is not None:  # pylint: disable=protected-access
-        why = builder.left_out(os.fspath(builder._manual_dir)).get(split, '')  # pylint: disable=protected-access
+      why = builder.why_left_out(split) if isinstance(builder, vqa.Vqa) else ''
       raise SplitNotBuilt(
           f'{builder.name}/{builder.builder_config.name} has no split {split!r}; it has '
           f'{sorted(builder.info.splits)}.' + (f' It was left out of the build: {why}.' if why else

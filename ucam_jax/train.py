@@ -250,7 +250,7 @@ def answer_setup(builder, workdir: str, table: input_pipeline.QuestionTable | No
   if not input_pipeline.is_vqa(builder):
     return builder.info.features['answer'].names, None
   if table is None and not (epath.Path(workdir) / ANSWERS_FILE).exists():
-    raise FileNotFoundError(f'No {ANSWERS_FILE} in {workdir}: it is written by training. '
+    raise MissingFiles(f'No {ANSWERS_FILE} in {workdir}: it is written by training. '
                             'Train with the same --config and --workdir first.')
   answers = load_or_build_answers(workdir, table, config.num_answers)
   return list(answers.answers), answers

@@ -11,9 +11,10 @@ the official file names (v2 prefixes the JSON files with `v2_`):
     mscoco_val2014_annotations.json             (Annotations_Val_mscoco.zip)
     train2014/COCO_train2014_<12-digit image id>.jpg    COCO images (train2014.zip)
     val2014/COCO_val2014_<12-digit image id>.jpg        (val2014.zip)
-    optional, questions without answers (splits 'test' and 'test_dev'):
+    optional, questions without answers (splits 'test' and 'test_dev', for --mode=predict):
       OpenEnded_mscoco_test2015_questions.json, OpenEnded_mscoco_test-dev2015_questions.json
-      (Questions_Test_mscoco.zip), test2015/COCO_test2015_<12-digit image id>.jpg
+      (Questions_Test_mscoco.zip), test2015/COCO_test2015_<12-digit image id>.jpg; a test split
+      whose images (grid configs: store) are not there is left out of the build, with a warning
     config 'v1_hat' only: vqahat_val/<question_id>_<n>.png, n = 1, 2, ...: one grey-scale
       map per annotator (vqahat_val.zip of VQA-HAT, Das et al. 2016)
 
@@ -22,7 +23,9 @@ present); 'v1_hat' (split validation: only the VQA v1 val questions that have VQ
 'v1_grid', 'v2_grid', 'v1_hat_grid': the same with ResNet-152 grid features instead of images;
 'v1_questions', 'v2_questions', 'v1_hat_questions': the same with neither (the examples keep
 `image_id`; training and evaluation read each grid from its store, see below).
-A missing file is one `MissingFilesError` naming every missing file and where it comes from.
+A missing file is one `MissingFilesError` naming every missing file, where it comes from and
+the doc to read. `Vqa.fingerprint` digests the official files, so a run can check that moved
+data is the data it was trained on.
 
 Grid configs read the features from the stores that `python -m ucam_jax.extract_features`
 writes (docs/grid_features.md), one per image folder, `Vqa(features_dir=...)` (default
@@ -529,6 +532,12 @@ class Vqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                            f'(from {missing[0].source})')
     return out
 
+  def why_left_out(self, split: str) -> str:
+    """Why the build leaves out `split` (see `left_out`); '' when it does not or cannot say."""
+    if self._manual_dir is None:
+      return ''
+    return self.left_out(os.fspath(self._manual_dir)).get(split, '')
+
   def fingerprint(self) -> dict[str, str]:
     """{file name: SHA-256 prefix} of the official files in the manual directory that this
     config reads (the JSON files of its splits; VQA-HAT: a digest of the maps' names and sizes):
@@ -586,8 +595,8 @@ class Vqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     left_out = self.left_out(manual_dir)
     if left_out:
       logging.warning('VQA %s: building without the optional split(s) %s: %s. Only '
-                      '--mode=predict reads them; to add them later, add the files and delete the build '
-                      '(%s/%s under the data directory).',
+                      '--mode=predict reads them; to add them later, add the files and delete '
+                      'the build (%s/%s under the data directory).',
                       self.builder_config.name, ', '.join(left_out),
                       '; '.join(f'{k}: {v}' for k, v in left_out.items()), self.name,
                       self.builder_config.name)
