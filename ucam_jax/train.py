@@ -578,9 +578,9 @@ def load_trained(config, workdir: str, step: int):
       state = checkpoints.restore_verified(manager, step, abstract)
     except checkpoints.DamagedCheckpoint as e:
       raise checkpoints.DamagedCheckpoint(
-          f'{e} --mode=eval and predict use the latest checkpoint only, and move nothing: rerun '
-          'training (--mode=train), which moves it aside and resumes from the newest intact '
-          'one.') from e
+          f'{e} --mode=eval evaluates the latest checkpoint only (as --mode=predict does), and '
+          'moves nothing: rerun training (--mode=train), which moves it aside and resumes from '
+          'the newest intact one.') from e
   return state, builder, vocab, answer_names, answers, mesh
 
 
