@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
       manual_dir=ml_collections.config_dict.placeholder(str),  # The official files.
       # The grid-feature stores; None: <manual_dir>/grid_features.
       features_dir=ml_collections.config_dict.placeholder(str),
+      # The side of the images the grids were computed from (recorded in the build's name).
+      image_size=ml_collections.config_dict.placeholder(int),
   ))
   # Evaluate on another dataset's evaluation split, e.g. 'vqa/v1_hat_questions' (VQA-HAT).
   config.eval_dataset = ml_collections.config_dict.placeholder(str)

@@ -19,6 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
   config.dataset = 'easy_vqa'
+  # The builder's settings (every one settable with --config.dataset_kwargs.*; None: its default).
+  config.dataset_kwargs = ml_collections.ConfigDict(dict(
+      source_dir=ml_collections.config_dict.placeholder(str),  # None: the easy-vqa package's.
+  ))
   config.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS default directory.
   config.max_question_length = 10  # easy-VQA questions have at most 9 words.
   config.questions_per_image = 8  # Training groups: one image with up to this many questions.

@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset_kwargs = ml_collections.ConfigDict(dict(
       manual_dir=ml_collections.config_dict.placeholder(str),  # The official files.
       features_dir=ml_collections.config_dict.placeholder(str),  # Unused by 'image' models.
+      # The stored images' side; None: 448 (the build gains '_<size>px' otherwise).
+      image_size=ml_collections.config_dict.placeholder(int),
   ))
   # Evaluate on another dataset's evaluation split, e.g. 'vqa/v1_hat' (VQA-HAT maps).
   config.eval_dataset = ml_collections.config_dict.placeholder(str)

@@ -1,6 +1,7 @@
 """Grid features: the Flax ResNet against a torch-layout reference, the torchvision weight
 conversion, the extraction command and its store, and the VQA builder reading the store."""
 
+import logging
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.test_vqa import TRAIN, VAL, by_question, make_manual_dir, question_id
-from ucam_jax import extract_features
+from ucam_jax import cli, extract_features
 from ucam_jax.datasets import grid_store, vqa
 from ucam_jax.models import resnet
 
@@ -289,6 +290,30 @@ def test_extraction_needs_the_questions_and_images(tmp_path, extracted):
     extract_features.extract(str(tmp_path), 'v2', 'train', extracted['weights'])
   assert [m.path for m in error.value.missing] == [
       str(tmp_path / vqa.question_file('v2', 'train2014')), str(tmp_path / 'train2014') + os.sep]
+  # The command prints the message alone (cli.run), as training and evaluation do.
+  with pytest.raises(SystemExit) as stop:
+    cli.run(extract_features.extract, str(tmp_path), 'v2', 'train', extracted['weights'])
+  assert stop.value.code == str(error.value) and vqa.DOC in stop.value.code
+
+
+def test_missing_weights_point_to_the_conversion(tmp_path, extracted):
+  missing = str(tmp_path / 'resnet152_imagenet.npz')
+  with pytest.raises(SystemExit) as stop:
+    cli.run(extract_features.extract, extracted['manual_dir'], 'v1', 'train', missing)
+  assert stop.value.code.startswith(f"The ResNet weights file '{missing}' does not exist")
+  assert 'docs/grid_features.md, section 1' in stop.value.code
+
+
+def test_backend_probe_lines_are_dropped_and_other_lines_kept(caplog):
+  cli.quiet_backend_probes()
+  cli.quiet_backend_probes()  # Idempotent.
+  logger = logging.getLogger('jax._src.xla_bridge')
+  assert logger.filters.count(cli._FILTER) == 1  # pylint: disable=protected-access
+  with caplog.at_level(logging.INFO, logger='jax._src.xla_bridge'):
+    logger.info("Unable to initialize backend '%s': %s", 'tpu', 'INTERNAL: Failed to open '
+                'libtpu.so')
+    logger.warning('An NVIDIA GPU may be present on this machine, but ...')
+  assert [r.getMessage()[:9] for r in caplog.records] == ['An NVIDIA']
 
 
 # ------------------------------------------------------------------- the VQA builder

@@ -239,6 +239,43 @@ def test_pointing_game_hand_example():
   np.testing.assert_array_equal(metrics.pointing_game(maps, targets), [True, False, False])
 
 
+def test_top_mass_cells_hand_example():
+  targets = np.array([
+      [[0.5, 0.2], [0.2, 0.1]],  # 15% of 1.0: the 0.5 cell alone
+      [[0.1, 0.1], [0.1, 0.1]],  # uniform: every cell ties with the first
+      [[0.0, 1.0], [1.0, 0.0]],  # a binary mask: the whole mask
+      [[0.0, 0.0], [0.0, 0.0]],  # nothing to point at
+  ])
+  np.testing.assert_array_equal(metrics.top_mass_cells(targets), [
+      [[1, 0], [0, 0]], [[1, 1], [1, 1]], [[0, 1], [1, 0]], [[0, 0], [0, 0]]])
+  np.testing.assert_array_equal(metrics.top_mass_cells(targets[:1], mass=0.6),
+                                [[[1, 1], [1, 0]]])  # 0.5 + 0.2 (+ its tie 0.2) >= 0.6
+  maps = np.array([[[0, 1], [0, 0]], [[0, 0], [0, 1]], [[1, 0], [0, 0]], [[1, 0], [0, 0]]])
+  hits, chance = metrics.pointing_game_top_mass(maps, targets)
+  np.testing.assert_array_equal(hits, [False, True, False, False])
+  np.testing.assert_allclose(chance, [0.25, 1, 0.5, 0])
+
+
+def test_pointing_game_of_a_random_map_is_at_chance_on_dense_maps():
+  """Human-like maps: a blob on a floor that is non-zero everywhere (as VQA-HAT's at the 14x14
+  grid). Any map 'points' into them by the > 0 test; against their top 15% mass a random map
+  sits at the chance level and a map peaked on the blob hits."""
+  rng = np.random.default_rng(0)
+  n, g = 4000, 14
+  y, x = np.mgrid[:g, :g]
+  centres = rng.integers(2, g - 2, (n, 2))
+  blobs = np.exp(-((y - centres[:, :1, None]) ** 2 + (x - centres[:, 1:, None]) ** 2) / 8)
+  humans = blobs + 0.05 + 0.02 * rng.random((n, g, g))
+  random_maps = rng.random((n, g, g))
+  assert metrics.pointing_game(random_maps, humans).mean() == 1.0  # says nothing
+  hits, chance = metrics.pointing_game_top_mass(random_maps, humans)
+  level = chance.mean()
+  assert 0.01 < level < 0.2
+  # Binomial standard error of the mean hit rate: sqrt(p (1 - p) / n).
+  assert abs(hits.mean() - level) < 4 * np.sqrt(level * (1 - level) / n)
+  assert metrics.pointing_game_top_mass(blobs, humans)[0].mean() == 1.0
+
+
 # ----------------------------------------------------------------------- faithfulness
 
 

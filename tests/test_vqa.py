@@ -3,6 +3,7 @@ answer normalisation and accuracy, the answer vocabulary and soft targets, HAT r
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -212,6 +213,35 @@ def test_empty_manual_dir_lists_every_file_and_its_source(tmp_path, version):
               'http://images.cocodataset.org/zips/val2014.zip', vqa.VQA_PAGES[version]):
     assert url in message
   assert 'unzip it into' in message
+  # No extract_features command is named, so none is asked for; the doc to read is.
+  assert 'extract_features' not in message and vqa.DOC in message
+
+
+def test_missing_files_stop_training_with_one_message(tmp_path):
+  """The command's message is the error's alone: no traceback, no unrelated hint."""
+  from configs import base_vqa  # pylint: disable=import-outside-toplevel
+  from ucam_jax import cli, train  # pylint: disable=import-outside-toplevel
+  config = base_vqa.get_config()
+  config.update(data_dir=str(tmp_path / 'data'), batch_size=8)
+  config.dataset_kwargs.manual_dir = str(tmp_path / 'empty')
+  os.makedirs(config.dataset_kwargs.manual_dir)
+  with pytest.raises(SystemExit) as stop:
+    cli.run(train.train_and_evaluate, config, str(tmp_path / 'run'))
+  message = stop.value.code
+  assert message.startswith('VQA v1_questions cannot be built: 4 file(s)')
+  assert 'Traceback' not in message and 'For example' not in message
+
+
+def test_test_splits_without_their_images_are_left_out(tmp_path, caplog):
+  root = make_manual_dir(tmp_path / 'manual', 'v1', test=True)
+  shutil.rmtree(os.path.join(root, 'test2015'))
+  with caplog.at_level('WARNING'):
+    builder = build(root, tmp_path / 'data', 'v1')
+  assert sorted(builder.info.splits) == ['train', 'validation']
+  [line] = [r.getMessage() for r in caplog.records if 'optional split' in r.getMessage()]
+  assert 'VQA v1: building without the optional split(s) test:' in line
+  assert os.path.join(root, 'test2015') + os.sep in line and 'test2015.zip' in line
+  assert builder.left_out(root).keys() == {'test'}
 
 
 def test_partly_missing_files_are_all_listed_in_one_error(tmp_path):

@@ -8,3 +8,8 @@ class RunError(Exception):
 
 class ConfigError(RunError, ValueError):
   """A config value outside its range; raised before anything is written."""
+
+
+class MissingFiles(RunError, FileNotFoundError):
+  """Input files are missing: the message names each, where it comes from and the doc to read.
+  The same one message in training, evaluation and feature extraction (`cli.run`)."""

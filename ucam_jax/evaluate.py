@@ -14,7 +14,9 @@ has one; on VQA per answer type); calibration; per uncertainty score, AUROC / AU
 detecting wrong answers; accuracy against the fraction of questions retained by predictive
 entropy; and, on splits with a ground-truth 'mask' (or VQA-HAT maps), each map type's
 Spearman rank correlation with the mask's share of each grid cell (the mean over the questions
-where it is defined) and its pointing game. `faithfulness` adds deletion
+where it is defined) and its pointing games: on any ground-truth cell (sparse masks), and on
+the ground truth's top 15% of mass (`metrics.pointing_game_top_mass`: dense human maps, with
+its chance level). `faithfulness` adds deletion
 and insertion AUC on a fixed sample of questions; `evaluate_and_report` runs it all on the test
 split and writes workdir/report/ (training's end and `--mode=eval` share it).
 
@@ -243,6 +245,8 @@ def summarise(out, config, answer_names=None, family_names=None, human_answers=N
         [answer_names[p] for p in out['probs'].argmax(-1)], human_answers, answer_types)
     results['vqa_accuracy'] = official.overall
     results['vqa_accuracy_per_answer_type'] = official.per_answer_type
+    results['vqa_questions_per_answer_type'] = {
+        t: int(n) for t, n in zip(*np.unique(np.asarray(answer_types), return_counts=True))}
   labelled = out['answer'] >= 0
   if answer_types is not None or not labelled.all():
     results['num_labelled'] = int(labelled.sum())
@@ -287,6 +291,13 @@ def summarise(out, config, answer_names=None, family_names=None, human_answers=N
                'spearman_questions': int(np.isfinite(rho).sum()),
                'pointing_game': float(hits.mean())}
         for name, (rho, hits) in attention_agreement(out).items()}
+    # Dense ground truth (VQA-HAT: non-zero almost everywhere, so every map 'points' into it):
+    # the pointing game against its cells holding the top 15% of its mass, and its chance level.
+    for name, m in map_types(out).items():
+      hits, chance = metrics.pointing_game_top_mass(m, out['ground_truth'])
+      results['maps'][name]['pointing_game_top'] = float(hits.mean())
+    results['pointing_game_top_mass'] = metrics.POINTING_MASS
+    results['pointing_game_top_chance'] = float(chance.mean())
     results['map_grid'] = list(out['ground_truth'].shape[1:])
   return results
 

@@ -7,18 +7,22 @@ r"""Grid features of the COCO images of a VQA split, with a Flax ResNet from a l
 Reads the questions of the split (the layout of `datasets/vqa.py`), and for every image they use
 (for 'test' / 'test_dev': both splits' questions, which share test2015/) squashes it to
 image_size x image_size as the image configs do, applies the ResNet (jitted, data parallel over
-the local devices), L2-normalises each cell over channels (SPEC section 3: the store holds what
-the model consumes) and writes the grid as float16 to the store <out>/<image folder>, e.g.
-<out>/train2014 (`datasets.grid_store`). ResNet-152 at 448 px: 14x14x2048, 784 kB per image.
+every device: training's ('data',) mesh; bfloat16 with --dtype), L2-normalises each cell over
+channels (SPEC section 3: the store holds what the model consumes) and writes the grid as
+float16 to the store <out>/<image folder>, e.g. <out>/train2014 (`datasets.grid_store`).
+ResNet-152 at 448 px: 14x14x2048, 784 kB per image.
 
 Interrupted runs resume: rerun the same command. The store appears under its name only when
-complete. How to convert the ImageNet weights: docs/grid_features.md and `models/resnet.py`.
+complete. A progress bar shows images/s and the time left. How to convert the ImageNet weights,
+measured speeds and batch sizes: docs/grid_features.md and `models/resnet.py`. A missing weights
+file, question file or image is one message without a traceback (`errors.MissingFiles`).
 """
 
 import concurrent.futures
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +30,9 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from ucam_jax import sharding
+from ucam_jax import cli, sharding
 from ucam_jax.datasets import grid_store, vqa
+from ucam_jax.errors import MissingFiles
 from ucam_jax.models import resnet
 
 # As Cyanogenoid/pytorch-vqa's model: v / (||v|| + 1e-8), which keeps all-zero cells zero.
@@ -70,11 +75,23 @@ def split_image_ids(manual_dir: str, version: str, split: str) -> tuple[str, lis
   return subtype, sorted(ids)
 
 
+def check_weights(weights: str | None) -> None:
+  """Raises MissingFiles, naming where the file comes from, when the weights file is not there."""
+  if weights and os.path.isfile(weights):
+    return
+  raise MissingFiles(
+      f'The ResNet weights file {weights!r} does not exist (--weights). It is made once from '
+      "torchvision's ImageNet ResNet-152 with resnet.convert_torchvision_state_dict and "
+      'resnet.save_variables (torch is needed for that step only; nothing is downloaded at run '
+      'time): see docs/grid_features.md, section 1.')
+
+
 def extract(manual_dir: str, version: str, split: str, weights: str, out: str | None = None,
             image_size: int = 448, batch_size: int = 32, dtype: str = 'float32',
             num_threads: int = 8) -> str:
   """Writes the grid-feature store of a split's images and returns its path (see the module
   docstring). Resumes an interrupted run with the same arguments."""
+  check_weights(weights)
   subtype, image_ids = split_image_ids(manual_dir, version, split)
   path = os.path.join(out or os.path.join(manual_dir, vqa.FEATURES_DIR), subtype)
   model, variables = resnet.load_resnet(weights, num_classes=None, dtype=dtype)
@@ -91,7 +108,7 @@ def extract(manual_dir: str, version: str, split: str, weights: str, out: str | 
   if writer.done:
     logging.info('Resuming %s at image %d of %d.', writer.partial, writer.done, len(image_ids))
 
-  mesh = sharding.make_mesh(jax.local_devices())
+  mesh = sharding.make_mesh()  # Training's mesh: every device, the batch split over them.
   batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
   variables = jax.device_put(variables, sharding.replicated(mesh))
   load = functools.partial(vqa.load_coco_image, manual_dir, subtype, size=image_size)
@@ -153,11 +170,15 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  path = extract(FLAGS.manual_dir, FLAGS.version, FLAGS.split, FLAGS.weights, FLAGS.features_dir,
-                 FLAGS.image_size, FLAGS.batch_size, FLAGS.dtype, FLAGS.num_threads)
+  cli.quiet_backend_probes()
+  start = time.time()
+  path = cli.run(extract, FLAGS.manual_dir, FLAGS.version, FLAGS.split, FLAGS.weights,
+                 FLAGS.features_dir, FLAGS.image_size, FLAGS.batch_size, FLAGS.dtype,
+                 FLAGS.num_threads)
   with open(os.path.join(path, grid_store.INDEX)) as f:
     index = json.load(f)
-  print(f'wrote {path}: {len(index["image_ids"])} images, grid {index["grid_shape"]} float16')
+  print(f'wrote {path}: {len(index["image_ids"])} images, grid {index["grid_shape"]} float16 '
+        f'({time.time() - start:.0f} s with compilation)')
 
 
 if __name__ == '__main__':

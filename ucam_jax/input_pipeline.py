@@ -55,7 +55,8 @@ def get_builder(config, dataset: str | None = None,
   if name not in BUILDERS:
     raise ValueError(f'Unknown dataset {name!r}; known: {sorted(BUILDERS)}.')
   data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
-  kwargs = dict(config.get('dataset_kwargs') or {})
+  # An unset setting (a config's placeholder, None) leaves the builder's default.
+  kwargs = {k: v for k, v in (config.get('dataset_kwargs') or {}).items() if v is not None}
   if builder_config:
     kwargs['config'] = builder_config
   builder = BUILDERS[name](data_dir=data_dir, **kwargs)
@@ -173,6 +174,7 @@ class QuestionTable:
   answer_type: list[str] | None = None
   # Per question, the nonzero entries of its soft targets: (answer ids, count / 10).
   soft_targets: list[tuple[np.ndarray, np.ndarray]] | None = None
+  question_id: np.ndarray | None = None  # VQA: the official question ids [n] int64.
 
 
 def question_table(builder, split: str) -> QuestionTable:
@@ -191,7 +193,8 @@ def question_table(builder, split: str) -> QuestionTable:
   if is_vqa(builder):
     table = dataclasses.replace(
         table, human_answers=[[a.decode() for a in e['answers']] for e in examples],
-        answer_type=[e['answer_type'].decode() for e in examples])
+        answer_type=[e['answer_type'].decode() for e in examples],
+        question_id=np.array([e['question_id'] for e in examples], np.int64))
   return table
 
 

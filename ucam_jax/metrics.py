@@ -280,6 +280,37 @@ def pointing_game(maps, targets) -> np.ndarray:
   return targets[np.arange(len(maps)), peak] > 0
 
 
+POINTING_MASS = 0.15  # The share of a dense ground truth's mass that its "top cells" hold.
+
+
+def top_mass_cells(targets, mass: float = POINTING_MASS) -> np.ndarray:
+  """The top cells of each ground-truth map, [n, h, w] bool: the fewest highest cells whose
+  values sum to at least `mass` of the map's total, and every cell tied with the last of them.
+  A map that is 0 everywhere has none. On a binary mask this is the whole mask."""
+  targets = _as_array('targets', targets, 3, np.float64)
+  if not 0 < mass <= 1:
+    raise ValueError(f'mass must be in (0, 1], got {mass}.')
+  flat = targets.reshape(len(targets), -1)
+  ordered = -np.sort(-flat, axis=1)
+  reach = np.cumsum(ordered, axis=1) >= mass * ordered.sum(axis=1, keepdims=True) * (1 - 1e-12)
+  threshold = ordered[np.arange(len(flat)), reach.argmax(axis=1)]
+  return ((flat >= threshold[:, None]) & (flat > 0)).reshape(targets.shape)
+
+
+def pointing_game_top_mass(maps, targets, mass: float = POINTING_MASS):
+  """The pointing game against a dense ground truth (e.g. human attention, non-zero almost
+  everywhere, where `pointing_game` hits for any map): (hits [n] bool, chance [n]).
+
+  A hit: the map's argmax cell (ties: first in row-major order) is one of the target's
+  `top_mass_cells`. chance: the share of cells that are, the hit rate of a peak drawn uniformly
+  at random, which a random map scores on average.
+  """
+  maps, flat = _maps_and_targets(maps, targets)
+  top = top_mass_cells(targets, mass).reshape(len(flat), -1)
+  hits = top[np.arange(len(maps)), np.argmax(maps, axis=1)]
+  return hits, top.mean(axis=1)
+
+
 # ----------------------------------------------------------------------- faithfulness
 
 

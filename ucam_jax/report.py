@@ -127,6 +127,7 @@ def _words_html(words, certainty) -> str:
 MAP_TITLES = {'model_attention': 'model attention', 'gca_attention': 'GCA attention',
               'gradcam': 'Grad-CAM', 'ucam': 'U-CAM', 'random': 'random'}
 MAP_COLUMNS = {'spearman': 'Spearman with the ground truth', 'pointing_game': 'pointing game',
+               'pointing_game_top': 'pointing game, top 15% of the mass',
                'deletion_auc': 'deletion AUC (lower is better)',
                'insertion_auc': 'insertion AUC (higher is better)'}
 

@@ -25,10 +25,15 @@ from tqdm import tqdm
 
 from ucam_jax import (checkpoints, distributed, evaluate, gca, input_pipeline, metric_writer,
                       models, sharding, storage, vqa_answers)
-from ucam_jax.errors import ConfigError
+from ucam_jax.errors import ConfigError, MissingFiles
 from ucam_jax.text import Vocabulary
 
 ANSWERS_FILE = 'answers.json'  # VQA's answer vocabulary, beside vocabulary.json.
+DATA_FILE = 'data.json'  # What the run was trained on, by content (`data_fingerprint`).
+
+
+class NoCheckpoint(MissingFiles):
+  """--mode=eval or predict on a workdir without a checkpoint."""
 
 
 class TrainState(train_state.TrainState):
@@ -245,7 +250,7 @@ def answer_setup(builder, workdir: str, table: input_pipeline.QuestionTable | No
   if not input_pipeline.is_vqa(builder):
     return builder.info.features['answer'].names, None
   if table is None and not (epath.Path(workdir) / ANSWERS_FILE).exists():
-    raise FileNotFoundError(f'No {ANSWERS_FILE} in {workdir}: it is written by training. '
+    raise MissingFiles(f'No {ANSWERS_FILE} in {workdir}: it is written by training. '
                             'Train with the same --config and --workdir first.')
   answers = load_or_build_answers(workdir, table, config.num_answers)
   return list(answers.answers), answers
@@ -365,6 +370,8 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
   # Written only now, so a failed resume leaves the earlier run's config.json as it was.
   if main_process:
     storage.write_text(epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2))
+    storage.write_text(epath.Path(workdir) / DATA_FILE,
+                       json.dumps(data_fingerprint(builder), indent=2))
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start_step) if main_process else None
   def jit_step(ucam):
@@ -463,50 +470,100 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
 # Switches that change what a trained model computes at test time: --mode=eval must use the ones
 # it was trained with.
 _EVALUATION_KEYS = ('dataset', 'dataset_kwargs', 'features', 'max_question_length', 'ucam')
+# Builder settings that say where the data is, not what it is: the data may move (DATA_FILE
+# compares it by content).
+_LOCATION_KEYS = ('manual_dir', 'features_dir', 'source_dir')
 
 
-def check_same_evaluation(workdir: str, config) -> None:
+def data_fingerprint(builder) -> dict:
+  """What a run's data is, independent of where it lies: the dataset, its builder config and
+  version, and (VQA) a digest of each official file it is built from (`Vqa.fingerprint`)."""
+  out = {'dataset': builder.name, 'config': builder.builder_config.name if
+         builder.builder_config else None, 'version': str(builder.version)}
+  if hasattr(builder, 'fingerprint'):
+    out['files'] = builder.fingerprint()
+  return out
+
+
+def _evaluation_settings(config_json: dict) -> dict:
+  """The _EVALUATION_KEYS of a config, without the data's location and unset settings."""
+  out = {k: config_json.get(k) for k in _EVALUATION_KEYS}
+  kwargs = out.get('dataset_kwargs')
+  if isinstance(kwargs, dict):
+    out['dataset_kwargs'] = {k: v for k, v in kwargs.items()
+                             if k not in _LOCATION_KEYS and v is not None} or None
+  return out
+
+
+def check_same_evaluation(workdir: str, config, builder=None) -> None:
   """Raises ConfigError naming the `_EVALUATION_KEYS` in which `config` differs from the
-  training run's config.json: the checkpoint would be evaluated as it was not trained."""
+  training run's config.json (the checkpoint would be evaluated as it was not trained), or,
+  with `builder`, the way its data differs from the training data's DATA_FILE. Paths are not
+  compared: the data may move (or be copied) to another directory."""
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     return
-  saved, current = storage.read_json(path), json.loads(config.to_json_best_effort())
+  saved = _evaluation_settings(storage.read_json(path))
+  current = _evaluation_settings(json.loads(config.to_json_best_effort()))
   changed = [f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in _EVALUATION_KEYS
              if saved.get(k) != current.get(k)]
   if changed:
     raise ConfigError(f'The checkpoints in {workdir} were trained with another config: '
-                     + '; '.join(changed) + f'. Evaluate with the config of {path}.')
+                      + '; '.join(changed) + f'. Evaluate with the config of {path}.')
+  data_path = epath.Path(workdir) / DATA_FILE
+  if builder is None or not data_path.exists():  # Runs from before DATA_FILE: paths not compared.
+    return
+  trained, now = storage.read_json(data_path), data_fingerprint(builder)
+  differs = [f'{k} was {trained.get(k)!r}, now {now.get(k)!r}'
+             for k in ('dataset', 'config', 'version') if trained.get(k) != now.get(k)]
+  files, current_files = trained.get('files') or {}, now.get('files') or {}
+  differs += [f'{name} has other contents' for name in sorted(files.keys() & current_files.keys())
+              if files[name] != current_files[name]]
+  if differs:
+    raise ConfigError(f'The data is not what the checkpoints in {workdir} were trained on ('
+                      + '; '.join(differs) + f'; see {data_path}). Point '
+                      '--config.dataset_kwargs.manual_dir at the files of that run.')
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=eval: evaluates the latest checkpoint in `workdir` on the test split.
-
-  Writes what the end of `train_and_evaluate` writes: metrics.json (its 'test' entry, with
-  'evaluated_step'; the training entries stay) and report/. The checkpoints are only read.
-  Raises FileNotFoundError, having written nothing, when `workdir` holds no checkpoint, and
-  checkpoints.DamagedCheckpoint when the latest one fails verification (it moves nothing).
-  Returns the contents of metrics.json.
-  """
-  start_time = time.time()
-  check_config(config)
+def latest_checkpoint_step(workdir: str, train_command: str | None = None) -> int:
+  """The latest checkpoint's step; NoCheckpoint, having written nothing, when there is none."""
   directory = storage.absolute(workdir) / 'checkpoints'
   step = None
   if directory.exists():
     with checkpoints.manager(workdir, read_only=True) as manager:
       step = manager.latest_step()
   if step is None:
-    raise FileNotFoundError(
-        f'No checkpoint in {directory}: --mode=eval evaluates a trained model. Train one first '
-        'with --mode=train (the default) and the same --config and --workdir.')
+    raise NoCheckpoint(
+        f'No checkpoint in {directory}: --mode=eval and --mode=predict use a trained model. Train '
+        'one first with --mode=train (the default) and the same --config and --workdir'
+        + (f': {train_command}' if train_command else '.'))
+  return step
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        train_command: str | None = None) -> dict:
+  """--mode=eval: evaluates the latest checkpoint in `workdir` on the test split.
+
+  Writes what the end of `train_and_evaluate` writes: metrics.json (its 'test' entry, with
+  'evaluated_step'; the training entries stay) and report/. The checkpoints are only read.
+  Raises NoCheckpoint (a FileNotFoundError), having written nothing, when `workdir` holds no
+  checkpoint (`train_command`: the command to name), and checkpoints.DamagedCheckpoint when the
+  latest one fails verification (it moves nothing). Returns the contents of metrics.json.
+  """
+  start_time = time.time()
+  check_config(config)
+  step = latest_checkpoint_step(workdir, train_command)
   with storage.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _evaluate_checkpoint(config, workdir, step, start_time)
 
 
-def _evaluate_checkpoint(config, workdir: str, step: int, start_time: float) -> dict:
+def load_trained(config, workdir: str, step: int):
+  """The trained model of a workdir at `step`, checked against `config` (model, evaluation
+  settings, data by content): (state, builder, vocab, answer names, VQA answers or None, mesh)."""
   check_same_model(workdir, config)
   check_same_evaluation(workdir, config)
   builder = input_pipeline.get_builder(config)
+  check_same_evaluation(workdir, config, builder)
   vocab = Vocabulary.load(epath.Path(workdir) / 'vocabulary.json')
   answer_names, answers = answer_setup(builder, workdir, None, config)
   mesh = sharding.make_mesh()
@@ -521,9 +578,14 @@ def _evaluate_checkpoint(config, workdir: str, step: int, start_time: float) -> 
       state = checkpoints.restore_verified(manager, step, abstract)
     except checkpoints.DamagedCheckpoint as e:
       raise checkpoints.DamagedCheckpoint(
-          f'{e} --mode=eval evaluates the latest checkpoint only, and moves nothing: rerun '
-          'training (--mode=train), which moves it aside and resumes from the newest intact '
-          'one.') from e
+          f'{e} --mode=eval evaluates the latest checkpoint only (as --mode=predict does), and '
+          'moves nothing: rerun training (--mode=train), which moves it aside and resumes from '
+          'the newest intact one.') from e
+  return state, builder, vocab, answer_names, answers, mesh
+
+
+def _evaluate_checkpoint(config, workdir: str, step: int, start_time: float) -> dict:
+  state, builder, vocab, _, answers, mesh = load_trained(config, workdir, step)
   test = evaluate.evaluate_and_report(state.params, state.apply_fn, builder, vocab, mesh, config,
                                       workdir, answers=answers)
   path = epath.Path(workdir) / 'metrics.json'

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from ucam_jax.errors import MissingFiles
+
 IMAGE_SIZE = 64
 # A pixel belongs to the shape when some channel differs from the background by more than this.
 # The shapes are saturated colours on a pale background; anti-aliased edge pixels fall either side.
@@ -51,7 +53,7 @@ def read_image(path: str) -> tuple[bytes, np.ndarray]:
   reinstall = ('The easy-VQA files come from the `easy-vqa` package: reinstall it with '
                '`pip install --force-reinstall easy-vqa==1.0`.')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'easy-VQA image {path} is missing. {reinstall}')
+    raise MissingFiles(f'easy-VQA image {path} is missing. {reinstall}')
   with open(path, 'rb') as f:
     data = f.read()
   try:

@@ -11,9 +11,10 @@ the official file names (v2 prefixes the JSON files with `v2_`):
     mscoco_val2014_annotations.json             (Annotations_Val_mscoco.zip)
     train2014/COCO_train2014_<12-digit image id>.jpg    COCO images (train2014.zip)
     val2014/COCO_val2014_<12-digit image id>.jpg        (val2014.zip)
-    optional, questions without answers (splits 'test' and 'test_dev'):
+    optional, questions without answers (splits 'test' and 'test_dev', for --mode=predict):
       OpenEnded_mscoco_test2015_questions.json, OpenEnded_mscoco_test-dev2015_questions.json
-      (Questions_Test_mscoco.zip), test2015/COCO_test2015_<12-digit image id>.jpg
+      (Questions_Test_mscoco.zip), test2015/COCO_test2015_<12-digit image id>.jpg; a test split
+      whose images (grid configs: store) are not there is left out of the build, with a warning
     config 'v1_hat' only: vqahat_val/<question_id>_<n>.png, n = 1, 2, ...: one grey-scale
       map per annotator (vqahat_val.zip of VQA-HAT, Das et al. 2016)
 
@@ -22,7 +23,9 @@ present); 'v1_hat' (split validation: only the VQA v1 val questions that have VQ
 'v1_grid', 'v2_grid', 'v1_hat_grid': the same with ResNet-152 grid features instead of images;
 'v1_questions', 'v2_questions', 'v1_hat_questions': the same with neither (the examples keep
 `image_id`; training and evaluation read each grid from its store, see below).
-A missing file is one `MissingFilesError` naming every missing file and where it comes from.
+A missing file is one `MissingFilesError` naming every missing file, where it comes from and
+the doc to read. `Vqa.fingerprint` digests the official files, so a run can check that moved
+data is the data it was trained on.
 
 Grid configs read the features from the stores that `python -m ucam_jax.extract_features`
 writes (docs/grid_features.md), one per image folder, `Vqa(features_dir=...)` (default
@@ -55,6 +58,7 @@ builds at different sizes never share a directory): e.g. small images for a from
 
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import os
@@ -63,10 +67,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
 from ucam_jax import vqa_answers
 from ucam_jax.datasets import grid_store
+from ucam_jax.errors import MissingFiles
 
 VQA_URL = 'https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/'
 VQA_PAGES = {'v1': 'https://visualqa.org/vqa_v1_download.html',
@@ -77,6 +83,9 @@ HAT_URL = 'http://s3.amazonaws.com/vqa-hat/vqahat_val.zip'
 HAT_PAGE = 'https://abhishekdas.com/vqa-hat/'
 HAT_DIR = 'vqahat_val'
 FEATURES_DIR = 'grid_features'  # default store root, inside the manual directory
+EXTRACT_COMMAND = 'python -m ucam_jax.extract_features'
+DOC = 'README.md (Real VQA) and the layout in ucam_jax/datasets/vqa.py'
+FEATURES_DOC = 'docs/grid_features.md'
 JPEG_QUALITY = 90
 # Missing images of a folder that is there are listed up to this many, then counted.
 MAX_LISTED_IMAGES = 20
@@ -123,8 +132,9 @@ class Missing:
   source: str
 
 
-class MissingFilesError(FileNotFoundError):
-  """Files of the manual directory are missing; `missing` lists them all."""
+class MissingFilesError(MissingFiles):
+  """Files of the manual directory are missing; `missing` lists them all. One message, without
+  a traceback, in training, evaluation and extraction (`errors.MissingFiles`)."""
 
   def __init__(self, what: str, manual_dir: str, missing: Sequence[Missing]):
     self.missing = list(missing)
@@ -132,9 +142,17 @@ class MissingFilesError(FileNotFoundError):
              f'from the manual directory {manual_dir}:']
     for m in self.missing:
       lines += [f'  {m.path}', f'      from {m.source}']
-    lines.append(f'Download each archive, unzip it into {manual_dir} so that the files have '
-                 'exactly these paths (JSON files at the top, images in their <split>2014 '
-                 'folders), run each command named above, and build again.')
+    stores = any(EXTRACT_COMMAND in m.source for m in self.missing)
+    files = any(EXTRACT_COMMAND not in m.source for m in self.missing)
+    steps = []
+    if files:
+      steps.append(f'download each archive and unzip it into {manual_dir} so that the files '
+                   'have exactly these paths (JSON files at the top, images in their '
+                   '<split>2014 folders)')
+    if stores:
+      steps.append('run each extract_features command named above')
+    docs = ([DOC] if files else []) + ([FEATURES_DOC] if stores else [])
+    lines.append(f'To fix: {" and ".join(steps)}, then run again. See {" and ".join(docs)}.')
     super().__init__('\n'.join(lines))
 
 
@@ -220,7 +238,7 @@ class GridFeatures:
   def command(self, manual_dir: str, subtype: str) -> str:
     """The command that writes the store of `subtype`."""
     out = self.root or os.path.join(manual_dir, FEATURES_DIR)
-    return (f'python -m ucam_jax.extract_features --manual_dir={manual_dir} '
+    return (f'{EXTRACT_COMMAND} --manual_dir={manual_dir} '
             f'--version={self.version} --split={split_of(subtype).name} --features_dir={out} '
             '--weights=<ResNet .npz, see docs/grid_features.md>')
 
@@ -407,6 +425,7 @@ class Vqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     instead (see the module docstring)."""
     self._manual_dir = manual_dir
     self._features_dir = features_dir
+    self._left_out = {}  # manual_dir -> `left_out`
     if image_size is not None:
       config = kwargs.get('config') or self.BUILDER_CONFIGS[0]
       if isinstance(config, str):
@@ -482,12 +501,66 @@ class Vqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         homepage=HAT_PAGE if config.hat else VQA_PAGES[config.vqa_version])
 
   def _splits(self, manual_dir: str) -> list[SplitFiles]:
-    """The splits to build: train and val always (val only for HAT), test ones when there."""
+    """The splits to build: train and val always (val only for HAT); test and test_dev only
+    when their questions and their visual input (test2015 images or store) are all there."""
+    return [s for s in self._candidate_splits(manual_dir) if s.name not in
+            self.left_out(manual_dir)]
+
+  def _candidate_splits(self, manual_dir: str) -> list[SplitFiles]:
     config = self.builder_config
     if config.hat:
       return [s for s in SPLITS if s.name == 'validation']
     return [s for s in SPLITS if s.annotated or os.path.exists(
         os.path.join(manual_dir, question_file(config.vqa_version, s.subtype)))]
+
+  def left_out(self, manual_dir: str) -> dict[str, str]:
+    """{split: why} for the test splits whose questions are there but not their visual input:
+    they are optional (they have no answers; only --mode=predict reads them), so the build
+    leaves them out instead of failing."""
+    if manual_dir in self._left_out:
+      return self._left_out[manual_dir]
+    out = self._left_out[manual_dir] = {}
+    for split in self._candidate_splits(manual_dir):
+      if split.annotated:
+        continue
+      path = os.path.join(manual_dir, question_file(self.builder_config.vqa_version,
+                                                    split.subtype))
+      ids = [q['image_id'] for q in _load_json(path, 'questions')]
+      missing = self._visual.missing(manual_dir, split.image_subtype, ids)
+      if missing:
+        out[split.name] = (f'{len(missing)} of its inputs are missing, e.g. {missing[0].path} '
+                           f'(from {missing[0].source})')
+    return out
+
+  def why_left_out(self, split: str) -> str:
+    """Why the build leaves out `split` (see `left_out`); '' when it does not or cannot say."""
+    if self._manual_dir is None:
+      return ''
+    return self.left_out(os.fspath(self._manual_dir)).get(split, '')
+
+  def fingerprint(self) -> dict[str, str]:
+    """{file name: SHA-256 prefix} of the official files in the manual directory that this
+    config reads (the JSON files of its splits; VQA-HAT: a digest of the maps' names and sizes):
+    what the data is, wherever it lies. Empty without a manual directory."""
+    if self._manual_dir is None:
+      return {}
+    manual_dir = os.fspath(self._manual_dir)
+    version = self.builder_config.vqa_version
+    out = {}
+    for split in self._candidate_splits(manual_dir):
+      for name in (question_file(version, split.subtype), annotation_file(version, split.subtype)):
+        path = os.path.join(manual_dir, name)
+        if os.path.exists(path):
+          digest = hashlib.sha256()
+          with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 22), b''):
+              digest.update(chunk)
+          out[name] = digest.hexdigest()[:16]
+    hat_dir = os.path.join(manual_dir, HAT_DIR)
+    if self.builder_config.hat and os.path.isdir(hat_dir):
+      listing = sorted((n, os.path.getsize(os.path.join(hat_dir, n))) for n in os.listdir(hat_dir))
+      out[HAT_DIR] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return out
 
   def check_files(self, manual_dir: str) -> None:
     """Raises one MissingFilesError naming every missing file of this config."""
@@ -519,6 +592,14 @@ class Vqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(self._manual_dir or dl_manager.manual_dir)
     self.check_files(manual_dir)  # before writing anything
+    left_out = self.left_out(manual_dir)
+    if left_out:
+      logging.warning('VQA %s: building without the optional split(s) %s: %s. Only '
+                      '--mode=predict reads them; to add them later, add the files and delete '
+                      'the build (%s/%s under the data directory).',
+                      self.builder_config.name, ', '.join(left_out),
+                      '; '.join(f'{k}: {v}' for k, v in left_out.items()), self.name,
+                      self.builder_config.name)
     return {split.name: self._generate_examples(manual_dir, split)
             for split in self._splits(manual_dir)}
 
