@@ -472,6 +472,8 @@ def check_same_evaluation(workdir: str, config) -> None:
   if not path.exists():
     return
   saved, current = storage.read_json(path), json.loads(config.to_json_best_effort())
+  for c in (saved, current):  # How MC dropout is sampled is the evaluation's choice (and new).
+    c.get('ucam', {}).pop('mc_scope', None)
   changed = [f'{k} was {saved.get(k)!r}, now {current.get(k)!r}' for k in _EVALUATION_KEYS
              if saved.get(k) != current.get(k)]
   if changed:
