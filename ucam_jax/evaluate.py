@@ -535,8 +535,9 @@ def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir:
     plots = report.plot_evaluation(workdir, {k: v[labelled] for k, v in outputs.items()},
                                    results, spearman)
     report.write(workdir, sample, vocab, answer_names, config,
-                 {f'test {k}': results[k] for k in ('accuracy', 'vqa_accuracy', 'ece', 'nll',
-                                                    'brier') if k in results},
+                 {**{f'test {k}': results[k] for k in ('accuracy', 'vqa_accuracy', 'ece', 'nll',
+                                                       'brier') if k in results},
+                  'MC dropout': f"{results['mc_samples']} samples, scope '{results['mc_scope']}'"},
                  plots=plots, maps=results.get('maps'))
     if writer is not None:
       writer.write_images(step, report.first_figures(workdir, sample))

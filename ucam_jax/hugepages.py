@@ -18,13 +18,20 @@ import sys
 TUNABLE = 'glibc.malloc.hugetlb'
 
 
-def reexec_with_huge_pages() -> None:
+def active() -> bool:
+  """Whether this process started with glibc's huge-page tunable set to 1."""
+  return f'{TUNABLE}=1' in os.environ.get('GLIBC_TUNABLES', '').split(':')
+
+
+def reexec_with_huge_pages(default: bool = True) -> None:
   """Re-executes this command (same interpreter, options and arguments, same process id) with
-  `glibc.malloc.hugetlb=1` added to GLIBC_TUNABLES, unless it is set already, this is not
-  Linux, or UCAM_HUGE_PAGES=0. Call it first in a command's `__main__` block."""
+  `glibc.malloc.hugetlb=1` added to GLIBC_TUNABLES when huge pages are wanted: UCAM_HUGE_PAGES=1
+  wants them, UCAM_HUGE_PAGES=0 does not, unset leaves it to `default` (the command's own
+  choice, from measurements: docs/performance.md). Nothing happens if the tunable is set
+  already or this is not Linux. Call it first in a command's `__main__` block."""
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if (not sys.platform.startswith('linux') or TUNABLE in tunables
-      or os.environ.get('UCAM_HUGE_PAGES') == '0'):
+  wanted = {'1': True, '0': False}.get(os.environ.get('UCAM_HUGE_PAGES', ''), default)
+  if not sys.platform.startswith('linux') or TUNABLE in tunables or not wanted:
     return
   os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, f'{TUNABLE}=1']))
   sys.stdout.flush()
