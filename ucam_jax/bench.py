@@ -3,24 +3,39 @@
   python -m ucam_jax.bench                        # configs/base_vqa.py, official shapes
   python -m ucam_jax.bench --quick                # small shapes: a smoke test in seconds
   python -m ucam_jax.bench --dtype=bfloat16 --out=workdir/bench_bf16
+  # docs/performance.md's figures, every case with and without huge pages:
+  python -m ucam_jax.bench --huge_pages=compare --reps=3 --sweep_reps=1 \
+      --markdown=docs/performance.md
 
 Prints one JSON object on stdout (progress and the scaling table go to stderr) and writes it,
 the table and a plot to --out. Cases, on synthetic grid features (`ucam_jax.datasets.synthetic`):
 
   train_<mode>_b<n>    `train.train_step` on n questions (one per image) with the aleatoric
-                       loss, config.ucam.mode 'mask' (GCA, the config's default) and 'loss_only'
-  predictive_T<T>_b<n> predictive uncertainty: the image and question encoded once, T MC-dropout
-                       samples of the answer stage (`uncertainty.mc_dropout`, a vmap over keys),
-                       `uncertainty.predictive_stats`
+                       loss, config.ucam.mode 'mask' (GCA, the config's default) and 'loss_only',
+                       jitted as training does (`train.jit_train_step`: the state donated)
+  predictive_T<T>_b<n> predictive uncertainty, mc_scope 'answer': the image and question encoded
+                       once, T MC-dropout samples of the answer stage (`gca.mc_sampler`,
+                       `uncertainty.mc_dropout`, a vmap over keys), `uncertainty.predictive_stats`
+  predictive_full_T<T>_b<n>  the same, mc_scope 'full' (the published computation: the word
+                       embeddings dropped out too, the LSTM rerun per sample; still one vmap)
   ucam_maps_b<n>       U-CAM maps over 'grid' (`explain.explain`, method 'ucam'): the gradient of
                        each question's aleatoric uncertainty L_AU of its own answer
-  naive_T<T>_b<n>      the published way to get the predictive statistics: T full forward passes
-                       (each a jitted call of the whole model), a Python loop, then the statistics
+  naive_T<T>_b<n>      the published way: T full forward passes with every dropout on (each a
+                       jitted call of the whole model; mc_scope 'full'), a Python loop, then the
+                       statistics
+  (sweep)              predictive, mc_scope 'answer', over T x batch
+
+--cases picks case groups (train, predictive, ucam_maps, naive, sweep). --huge_pages=compare
+runs each group but the sweep in two child processes, with and without glibc's huge pages
+(`ucam_jax.hugepages`; this command's default is off), in alternating order, and records the
+kernel's THP and page-fault counters around each; --markdown writes the figures into a file
+between its bench markers (docs/performance.md).
 
 Timing: each case is compiled, run once (warm-up), then run `reps` times. A shared machine's
 load changes from second to second, so every run is bracketed by two windows of back-to-back
-fp32 [m, m] x [m, m] jnp.dots (the roof), each as long as the warm-up run (up to 5 s): run i's
-fraction of the roof is its GFLOP/s over the mean of the roof just before and after it.
+fp32 [m, m] x [m, m] jnp.dots (the roof), each as long as the warm-up run (up to 2 s): run i's
+fraction of the roof is its GFLOP/s over the mean of the roof just before and after it. Each
+run's user and kernel CPU time and minor page faults are recorded too.
 Reported per case: median seconds, examples/s, the median roof, and two FLOP counts of one
 call, both from the compiled program:
   gflop        XLA's cost analysis (`compiled.cost_analysis()['flops']`): every op counts,
@@ -39,6 +54,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -157,11 +173,12 @@ def measure(fn, args, examples: int, flops: dict, roof: Roof, reps: int, **extra
   window = min(time.perf_counter() - start, MAX_ROOF_WINDOW)
   times, cpu, roofs = [], [], [roof.sample(window)]
   for _ in range(reps):
-    start, before = time.perf_counter(), os.times()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-    after = os.times()
-    cpu.append((after.user - before.user, after.system - before.system))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+                after.ru_minflt - before.ru_minflt))
     roofs.append(roof.sample(window))
   around = [(before + after) / 2 for before, after in zip(roofs, roofs[1:])]
   seconds = statistics.median(times)
@@ -174,8 +191,9 @@ def measure(fn, args, examples: int, flops: dict, roof: Roof, reps: int, **extra
           'roof_gflop_per_s': statistics.median(roofs),
           'fraction_of_roof': fraction(flops['xla']),
           'matmul_fraction_of_roof': fraction(flops['matmul']),
-          'user_s': statistics.median(u for u, _ in cpu),
-          'sys_s': statistics.median(k for _, k in cpu),
+          'user_s': statistics.median(c[0] for c in cpu),
+          'sys_s': statistics.median(c[1] for c in cpu),
+          'page_faults': statistics.median(c[2] for c in cpu),
           'times': times, 'roof_samples': roofs}
 
 
@@ -612,7 +630,7 @@ def cases_table(by_setting: dict) -> str:
   settings = list(by_setting)
   head = '| case | ' + ' | '.join(
       f'{s}: examples/s | {s}: s a call | {s}: fraction of roof (XLA / matmul) | '
-      f'{s}: kernel s a call' for s in settings)
+      f'{s}: kernel s, page faults a call' for s in settings)
   align = '|---|' + '---:|' * (4 * len(settings))
   if settings == ['on', 'off']:
     head += ' | time on / off |'
@@ -626,11 +644,12 @@ def cases_table(by_setting: dict) -> str:
       row += (' - | - | - | - |' if c is None else
               f" {c['examples_per_s']:.2f} | {c['seconds']:.3f} | "
               f"**{c['fraction_of_roof']:.0%}** / {c['matmul_fraction_of_roof']:.0%} | "
-              f"{c['sys_s']:.3f} |")
+              f"{c['sys_s']:.2f}, {c['page_faults'] / 1e3:.0f} k |")
     if settings == ['on', 'off'] and all(name in by_setting[s] for s in settings):
-      # At equal load: each time scaled by the roof around it.
+      # Raw medians: the roof itself moves with the setting (its 16 MB output is a fresh
+      # mapping per call), so scaling by it would credit the setting's own effect to the load.
       on, off = (by_setting[s][name] for s in settings)
-      row += (f" {on['seconds'] * on['roof_gflop_per_s'] / (off['seconds'] * off['roof_gflop_per_s']):.2f} |")
+      row += f" {on['seconds'] / off['seconds']:.2f} |"
     lines.append(row)
   return '\n'.join(lines)
 
@@ -652,9 +671,9 @@ def markdown(report: dict, command: str) -> str:
   if 'huge_pages' in report:
     lines += ['### Every case, with and without huge pages', '',
               'Each case group ran in two processes, one with `glibc.malloc.hugetlb=1` (on) and '
-              'one without (off), in alternating order. "kernel s a call": the median system '
-              'CPU time of one call. "time on / off": the two medians, each scaled by the roof '
-              'measured around it (equal load).', '',
+              'one without (off), in alternating order, the machine otherwise idle (the CPU '
+              'lock). "kernel s, page faults a call": medians of one call\'s system CPU time and '
+              'minor page faults. "time on / off": the ratio of the two medians.', '',
               cases_table({'on': report['cases_huge_pages']['on'],
                            'off': report['cases_huge_pages']['off']}), '',
               '| group | setting | wall s | user CPU s | kernel CPU s | THP faults | THP '

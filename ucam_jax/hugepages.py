@@ -7,9 +7,21 @@ page faults were a third of the step's CPU time on 2 cores (sys 34 of 103 ms). g
 faults a step, and the step went from 58 to 46 ms. glibc reads tunables only when a process
 starts, so the commands re-execute themselves once with it set (`reexec_with_huge_pages`).
 
+Whether it pays depends on the workload, so each command has its own default (measured at HEAD,
+docs/performance.md): on for `ucam_jax.main` and `ucam_jax.ablation` (the default job, SAN on
+easy-VQA: 1.4x the training questions a second, a third of the kernel time), off for
+`ucam_jax.bench` (the official-scale model: training at batch 220 1.2-1.4x slower with it).
+Why: on this machine (a Firecracker VM) the balloon device reports free 2 MB blocks to the host
+(virtio free page reporting, order 9), which takes them back; a huge page that faults on such a
+block is faulted in and zeroed by the host again. Measured with an mmap-touch-unmap loop: 0.04
+s of kernel time per GB when the freed block is reused at once, 1.5-1.7 s per GB once it was
+reported (2 s or more later), 0.35 s per GB for 4 KB pages either way. A short step (SAN: 46 ms)
+reuses its blocks before they are reported; a step of seconds (batch 220 at official scale)
+does not.
+
 Where it cannot act it costs nothing: older glibc ignores an unknown tunable, a kernel with
 transparent huge pages off ignores the advice, and other systems are left alone.
-UCAM_HUGE_PAGES=0 turns it off.
+UCAM_HUGE_PAGES=1 / 0 turns it on / off whatever the command's default.
 """
 
 import os
