@@ -10,7 +10,8 @@ starts, so the commands re-execute themselves once with it set (`reexec_with_hug
 Whether it pays depends on the workload, so each command has its own default (measured at HEAD,
 docs/performance.md): on for `ucam_jax.main` and `ucam_jax.ablation` (the default job, SAN on
 easy-VQA: 1.4x the training questions a second, a third of the kernel time), off for
-`ucam_jax.bench` (the official-scale model: training at batch 220 1.2-1.4x slower with it).
+`ucam_jax.bench` (the official-scale model: training at batch 220 up to 1.4x slower with it;
+batch 32 and the maps 0.85-1.04x the time, MC dropout 1.01-1.04x).
 Why: on this machine (a Firecracker VM) the balloon device reports free 2 MB blocks to the host
 (virtio free page reporting, order 9), which takes them back; a huge page that faults on such a
 block is faulted in and zeroed by the host again. Measured with an mmap-touch-unmap loop: 0.04
