@@ -60,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
       aleatoric_loss='temperature',
       aleatoric_samples=100,  # T_a: Gaussian logit samples per question.
       predictive_samples=4,  # MC-dropout passes per training question for L_PU.
+      # What an MC-dropout sample (L_PU's, the evaluation's) redraws: answer (the answer stage's
+      # dropout, on the image and question encoded once) | full (every dropout of the model, the
+      # word embeddings' included, as the published evaluation; reruns the LSTM per sample).
+      mc_scope='answer',
       predictive_variance='raw',  # L_PU's variance: raw (published) | normalised (v / (1 + v)).
       uncertainty_weight=1.0,  # loss = answer loss + uncertainty_weight * U.
       warmup=0.0,  # The first fraction of the steps trains the baseline; then U and the maps.

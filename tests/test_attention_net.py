@@ -74,15 +74,16 @@ def test_stages_compose_to_the_full_model():
   staged = model.apply(params, v, q, method='answer')
   for k in ('logits', 'sigma2', 'attention'):
     np.testing.assert_allclose(staged[k], full[k], rtol=1e-5, atol=1e-6)
-  # With dropout on, the full model is the staged one with the same key.
+  # With dropout on, the full model (the published pass: the embeddings dropped out too) is the
+  # 'full' MC scope's sample with the same key.
   key = jax.random.key(3)
   full = model.apply(params, batch['image'], batch['question'], batch['length'],
                      deterministic=False, rngs={'dropout': key})
-  staged = model.apply(params, v, q, method='answer', deterministic=False, rngs={'dropout': key})
-  np.testing.assert_allclose(staged['logits'], full['logits'], rtol=1e-5, atol=1e-6)
+  sample = gca.mc_sampler(model.apply, params, (v, e, batch['length']), scope='full')
+  np.testing.assert_allclose(sample(key)[0], full['logits'], rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_acts_only_in_the_answer_stage():
+def test_dropout_acts_in_the_answer_stage_and_on_the_embeddings_when_asked():
   model, params, batch = _setup()
   # The encoders take no dropout key and are deterministic: MC samples may share them.
   v = model.apply(params, batch['image'], method='encode_image')
@@ -99,6 +100,10 @@ def test_dropout_acts_only_in_the_answer_stage():
   assert not np.allclose(a, b)
   np.testing.assert_array_equal(answer(jax.random.key(1)), a)
   np.testing.assert_array_equal(answer(jax.random.key(1), True), answer(jax.random.key(2), True))
+  # The published model's embedding dropout, on only when asked (the 'full' MC scope).
+  dropped = model.apply(params, e, batch['length'], method='encode_question',
+                        deterministic=False, rngs=rngs)[0]
+  assert not np.allclose(dropped, q)
 
 
 def test_question_padding_is_ignored():
@@ -206,6 +211,32 @@ def test_mc_dropout_over_the_answer_stage():
   np.testing.assert_allclose(chunked[0], logits, rtol=1e-5, atol=1e-6)
   stats = uncertainty.predictive_stats(logits, sigma2)
   assert (stats['mutual_information'] > 0).any()
+
+
+def _mc_stats(model, params, batch, scope, maps=None):
+  v = model.apply(params, batch['image'], method='encode_image')
+  e = model.apply(params, batch['question'], method='embed_question')
+  sample = gca.mc_sampler(model.apply, params, (v, e, batch['length']), maps, 'multiply', scope)
+  return uncertainty.mc_dropout(sample, jax.random.key(0), 4)
+
+
+def test_mc_scope_full_is_the_answer_scope_without_dropout_and_differs_with_it():
+  batch = _batch()
+  maps = {'image': np.random.default_rng(1).uniform(size=(5, 4, 4)).astype(np.float32),
+          'question': np.random.default_rng(2).uniform(size=(5, LENGTH)).astype(np.float32)}
+  for rate, equal in ((0.0, True), (0.5, False)):
+    model = _model(dropout_rate=rate)
+    params = _setup()[1]
+    answer = _mc_stats(model, params, batch, 'answer', maps)
+    full = _mc_stats(model, params, batch, 'full', maps)
+    if equal:
+      for a, b in zip(answer, full):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    else:  # Same keys; the embedding dropout (and its masks' order) changes every sample.
+      assert not np.allclose(full[0], answer[0], rtol=1e-3)
+      assert (uncertainty.predictive_stats(*full)['mutual_information'] > 0).any()
+  with pytest.raises(ValueError, match='mc_scope'):
+    gca.mc_sampler(model.apply, params, (None, None, None), scope='all')
 
 
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_logits():

@@ -26,7 +26,9 @@ def test_quick_run_reports_every_case(tmp_path):
   assert set(report) >= {'machine', 'settings', 'roof', 'cases', 'vmap_speedup', 'scaling',
                          'memory'}
   assert set(report['cases']) == {'train_mask_b4', 'train_loss_only_b4', 'predictive_T2_b4',
-                                  'ucam_maps_b4', 'naive_T2_b4'}
+                                  'predictive_full_T2_b4', 'ucam_maps_b4', 'naive_T2_b4'}
+  assert report['cases']['predictive_full_T2_b4']['mc_scope'] == 'full'
+  assert report['cases']['train_mask_b4']['donated'] and report['full_scope_cost'] > 0
   keys = ('examples_per_s', 'seconds', 'gflop', 'gflop_per_s', 'matmul_gflop',
           'roof_gflop_per_s', 'fraction_of_roof', 'matmul_fraction_of_roof')
   for name, case in report['cases'].items():
@@ -39,6 +41,19 @@ def test_quick_run_reports_every_case(tmp_path):
   assert report['memory']['peak_bytes'] > 0 and report['memory']['how']
   for name in ('bench.json', 'bench_table.md', 'bench.png'):
     assert os.path.getsize(tmp_path / name) > 0
+
+
+def test_markdown_replaces_only_the_generated_block(tmp_path):
+  path = tmp_path / 'performance.md'
+  path.write_text('# Prose before\n')
+  bench.write_markdown(str(path), 'first\n')
+  text = path.read_text()
+  assert text.startswith('# Prose before\n') and 'first' in text
+  path.write_text(text + 'Prose after.\n')
+  bench.write_markdown(str(path), 'second\n')
+  text = path.read_text()
+  assert 'first' not in text and 'second' in text and text.endswith('Prose after.\n')
+  assert text.count(bench.MARK_BEGIN) == 1
 
 
 def test_matmul_flops_counts_the_dots_of_a_compiled_program():

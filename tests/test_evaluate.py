@@ -117,6 +117,7 @@ def test_accuracy_per_family_and_the_human_answers_hook():
          'family': rng.integers(0, 3, n), 'loss': rng.random(n),
          **{score: rng.random(n) for score in evaluate.uncertainty_scores(config.ucam)}}
   results = evaluate.summarise(out, config, names, ['x', 'y', 'z'])
+  assert results['mc_scope'] == 'answer' and results['mc_samples'] == config.mc_samples
   correct = probs.argmax(-1) == out['answer']
   assert results['accuracy_per_family'] == {
       family: pytest.approx(correct[out['family'] == f].mean())

@@ -164,7 +164,7 @@ SWITCH_GRID = [
     dict(mode='loss_only', aleatoric_loss='kendall_gal'),
     dict(mode='mask', uncertainty='aleatoric', branch='image', combine='multiply'),
     dict(mode='mask', uncertainty='predictive', branch='question', combine='residual'),
-    dict(mode='mask', uncertainty='both', branch='both', combine='multiply'),
+    dict(mode='mask', uncertainty='both', branch='both', combine='multiply', mc_scope='full'),
     dict(mode='mask', uncertainty='both', branch='both', combine='residual', order='second'),
     dict(mode='mask', uncertainty='aleatoric', branch='question', combine='multiply',
          aleatoric_loss='kendall_gal'),
@@ -267,9 +267,26 @@ def test_evaluation_never_sees_the_answer():
           'sigma2', 'predictive_variance'} <= set(out)
 
 
+def test_predictive_uncertainty_of_the_full_mc_scope():
+  """L_PU's samples under mc_scope 'full' (the embeddings dropped out too): the 'answer' scope's
+  without dropout, another value with it."""
+  model, params, features, labels = _setup()
+  weights = np.ones(3)
+
+  def terms(model, scope):
+    return gca.forward(model.apply, params, features, labels, weights, jax.random.PRNGKey(0),
+                       _ucam(mode='loss_only', uncertainty='predictive', mc_scope=scope),
+                       train=False)[0]['uncertainty']
+  assert not np.isclose(terms(model, 'full'), terms(model, 'answer'), rtol=1e-4)
+  config = tiny_config(None)
+  config.model.dropout_rate = 0.0
+  still = models.get_model(config, vocab_size=20, num_answers=13)
+  np.testing.assert_allclose(terms(still, 'full'), terms(still, 'answer'), rtol=1e-6)
+
+
 @pytest.mark.parametrize('key,value', [('mode', 'gca'), ('combine', 'add'), ('order', 'third'),
                                        ('sign', 'minus'), ('normalisation', 'softplus'),
-                                       ('aleatoric_samples', 0)])
+                                       ('aleatoric_samples', 0), ('mc_scope', 'all')])
 def test_bad_switch_is_a_clear_error(key, value):
   ucam = _ucam()
   ucam[key] = value

@@ -3,24 +3,39 @@
   python -m ucam_jax.bench                        # configs/base_vqa.py, official shapes
   python -m ucam_jax.bench --quick                # small shapes: a smoke test in seconds
   python -m ucam_jax.bench --dtype=bfloat16 --out=workdir/bench_bf16
+  # docs/performance.md's figures, every case with and without huge pages:
+  python -m ucam_jax.bench --huge_pages=compare --reps=3 --sweep_reps=1 \
+      --markdown=docs/performance.md
 
 Prints one JSON object on stdout (progress and the scaling table go to stderr) and writes it,
 the table and a plot to --out. Cases, on synthetic grid features (`ucam_jax.datasets.synthetic`):
 
   train_<mode>_b<n>    `train.train_step` on n questions (one per image) with the aleatoric
-                       loss, config.ucam.mode 'mask' (GCA, the config's default) and 'loss_only'
-  predictive_T<T>_b<n> predictive uncertainty: the image and question encoded once, T MC-dropout
-                       samples of the answer stage (`uncertainty.mc_dropout`, a vmap over keys),
-                       `uncertainty.predictive_stats`
+                       loss, config.ucam.mode 'mask' (GCA, the config's default) and 'loss_only',
+                       jitted as training does (`train.jit_train_step`: the state donated)
+  predictive_T<T>_b<n> predictive uncertainty, mc_scope 'answer': the image and question encoded
+                       once, T MC-dropout samples of the answer stage (`gca.mc_sampler`,
+                       `uncertainty.mc_dropout`, a vmap over keys), `uncertainty.predictive_stats`
+  predictive_full_T<T>_b<n>  the same, mc_scope 'full' (the published computation: the word
+                       embeddings dropped out too, the LSTM rerun per sample; still one vmap)
   ucam_maps_b<n>       U-CAM maps over 'grid' (`explain.explain`, method 'ucam'): the gradient of
                        each question's aleatoric uncertainty L_AU of its own answer
-  naive_T<T>_b<n>      the published way to get the predictive statistics: T full forward passes
-                       (each a jitted call of the whole model), a Python loop, then the statistics
+  naive_T<T>_b<n>      the published way: T full forward passes with every dropout on (each a
+                       jitted call of the whole model; mc_scope 'full'), a Python loop, then the
+                       statistics
+  (sweep)              predictive, mc_scope 'answer', over T x batch
+
+--cases picks case groups (train, predictive, ucam_maps, naive, sweep). --huge_pages=compare
+runs each group but the sweep in two child processes, with and without glibc's huge pages
+(`ucam_jax.hugepages`; this command's default is off), in alternating order, and records the
+kernel's THP and page-fault counters around each; --markdown writes the figures into a file
+between its bench markers (docs/performance.md).
 
 Timing: each case is compiled, run once (warm-up), then run `reps` times. A shared machine's
 load changes from second to second, so every run is bracketed by two windows of back-to-back
-fp32 [m, m] x [m, m] jnp.dots (the roof), each as long as the warm-up run (up to 5 s): run i's
-fraction of the roof is its GFLOP/s over the mean of the roof just before and after it.
+fp32 [m, m] x [m, m] jnp.dots (the roof), each as long as the warm-up run (up to 2 s): run i's
+fraction of the roof is its GFLOP/s over the mean of the roof just before and after it. Each
+run's user and kernel CPU time and minor page faults are recorded too.
 Reported per case: median seconds, examples/s, the median roof, and two FLOP counts of one
 call, both from the compiled program:
   gflop        XLA's cost analysis (`compiled.cost_analysis()['flops']`): every op counts,
@@ -39,6 +54,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,8 +73,11 @@ from ucam_jax.datasets import synthetic
 
 FLAGS = flags.FLAGS
 
-MAX_ROOF_WINDOW = 5.0  # Seconds of matmuls around each timed run.
-TARGET = 0.5  # Fraction of the roof that training, MC dropout and U-CAM maps should reach.
+MAX_ROOF_WINDOW = 2.0  # Seconds of matmuls around each timed run.
+TARGET = 0.6  # Fraction of the roof that training, MC dropout and U-CAM maps should reach.
+# glibc's huge pages for this command, unless UCAM_HUGE_PAGES says (ucam_jax.hugepages): off,
+# as measured at official scale (docs/performance.md).
+HUGE_PAGES_DEFAULT = False
 
 # The cases and their sizes. 'quick' shrinks the model too (see `quick_config`).
 SIZES = {
@@ -152,11 +171,14 @@ def measure(fn, args, examples: int, flops: dict, roof: Roof, reps: int, **extra
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   window = min(time.perf_counter() - start, MAX_ROOF_WINDOW)
-  times, roofs = [], [roof.sample(window)]
+  times, cpu, roofs = [], [], [roof.sample(window)]
   for _ in range(reps):
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+                after.ru_minflt - before.ru_minflt))
     roofs.append(roof.sample(window))
   around = [(before + after) / 2 for before, after in zip(roofs, roofs[1:])]
   seconds = statistics.median(times)
@@ -169,6 +191,9 @@ def measure(fn, args, examples: int, flops: dict, roof: Roof, reps: int, **extra
           'roof_gflop_per_s': statistics.median(roofs),
           'fraction_of_roof': fraction(flops['xla']),
           'matmul_fraction_of_roof': fraction(flops['matmul']),
+          'user_s': statistics.median(c[0] for c in cpu),
+          'sys_s': statistics.median(c[1] for c in cpu),
+          'page_faults': statistics.median(c[2] for c in cpu),
           'times': times, 'roof_samples': roofs}
 
 
@@ -195,15 +220,11 @@ def encode(model, params, batch):
   return v, e, batch['length']
 
 
-def predictive_fn(model, num_samples: int, chunk_size=None):
-  """(params, batch, key) -> `uncertainty.predictive_stats` of num_samples MC-dropout samples;
-  the encoders run once."""
+def predictive_fn(model, num_samples: int, chunk_size=None, scope: str = 'answer'):
+  """(params, batch, key) -> `uncertainty.predictive_stats` of num_samples MC-dropout samples
+  of `config.ucam.mc_scope` `scope` (`gca.mc_sampler`); the encoders run once."""
   def fn(params, batch, key):
-    inputs = gca.answer_inputs(model.apply, params, encode(model, params, batch))
-
-    def sample(k):
-      out = gca.answer(model.apply, params, inputs, k)
-      return out['logits'], out['sigma2']
+    sample = gca.mc_sampler(model.apply, params, encode(model, params, batch), scope=scope)
     return uncertainty.predictive_stats(
         *uncertainty.mc_dropout(sample, key, num_samples, chunk_size))
   return jax.jit(fn)
@@ -230,8 +251,9 @@ def ucam_maps_fn(model, aleatoric_samples: int):
 
 
 def naive_fn(model, num_samples: int):
-  """The predictive statistics from num_samples full passes, one jitted call each: the shape
-  of the published evaluation code. Returns (fn, pass, stats) for the FLOP count."""
+  """The predictive statistics from num_samples full passes, one jitted call each: the
+  published evaluation code's loop and computation (every dropout of the model, the word
+  embeddings' included: mc_scope 'full'). Returns (fn, pass, stats) for the FLOP count."""
   full = jax.jit(lambda params, batch, key: model.apply(
       params, batch['image'], batch['question'], batch['length'], deterministic=False,
       rngs={'dropout': key}))
@@ -253,17 +275,25 @@ def masked_grid_bytes(config, batch: int) -> int:
 
 
 def train_cases(config, model, n: int, modes, roof, reps) -> dict:
-  """{mode: result}: `train.train_step` on n questions, one per image, aleatoric U."""
+  """{mode: result}: `train.train_step` on n questions, one per image, aleatoric U, jitted as
+  training jits it: the state's buffers donated (`train.jit_train_step`), each step's state
+  fed to the next."""
   batch = make_batch(config, n, questions_per_image=1)
-  state = jax.jit(lambda b: train.create_train_state(config, model, 1, b))(batch)
+  init = jax.jit(lambda b: train.create_train_state(config, model, 1, b))
   results = {}
   for mode in modes:
     ucam = ml_collections.ConfigDict(config.ucam.to_dict())
     ucam.update(mode=mode, uncertainty='aleatoric')
-    step, flops = compile_with_flops(
-        jax.jit(functools.partial(train.train_step, ucam=ucam)), state, batch)
-    results[mode] = measure(step, (state, batch), n, flops, roof, reps, batch=n, mode=mode,
-                            uncertainty='aleatoric', aleatoric_samples=ucam.aleatoric_samples)
+    state = init(batch)
+    step, flops = compile_with_flops(train.jit_train_step(ucam), state, batch)
+    held = [state]
+
+    def run_step():
+      held[0], metrics = step(held[0], batch)
+      return metrics
+    results[mode] = measure(run_step, (), n, flops, roof, reps, batch=n, mode=mode,
+                            uncertainty='aleatoric', aleatoric_samples=ucam.aleatoric_samples,
+                            donated=True)
   return results
 
 
@@ -275,24 +305,24 @@ def peak_bytes(compiled) -> int:
              - m.alias_size_in_bytes)
 
 
-def predictive_programs(config, model, params, n, num_samples, budget):
+def predictive_programs(config, model, params, n, num_samples, budget, scope='answer'):
   """(args, chunk_size, compiled as run, the same samples compiled in one vmap)."""
   args = (params, make_batch(config, n), jax.random.key(1))
   chunk = uncertainty.chunk_size_within(num_samples, masked_grid_bytes(config, n), budget)
-  one_vmap = predictive_fn(model, num_samples).lower(*args).compile()
+  one_vmap = predictive_fn(model, num_samples, scope=scope).lower(*args).compile()
   as_run = (one_vmap if chunk == num_samples
-            else predictive_fn(model, num_samples, chunk).lower(*args).compile())
+            else predictive_fn(model, num_samples, chunk, scope).lower(*args).compile())
   return args, chunk, as_run, one_vmap
 
 
-def predictive_case(config, model, params, n, num_samples, roof, reps, budget):
+def predictive_case(config, model, params, n, num_samples, roof, reps, budget, scope='answer'):
   """Run in chunks of samples when one vmap would not fit the budget; the FLOPs are those of
   the loop-free program in one vmap (the same samples)."""
   args, chunk, as_run, one_vmap = predictive_programs(config, model, params, n, num_samples,
-                                                      budget)
+                                                      budget, scope)
   return measure(as_run, args, n, program_flops(one_vmap), roof, reps,
-                 batch=n, samples=num_samples, chunk_size=chunk, peak_bytes=peak_bytes(as_run),
-                 peak_bytes_one_vmap=peak_bytes(one_vmap))
+                 batch=n, samples=num_samples, mc_scope=scope, chunk_size=chunk,
+                 peak_bytes=peak_bytes(as_run), peak_bytes_one_vmap=peak_bytes(one_vmap))
 
 
 def ucam_case(config, model, params, n, roof, reps):
@@ -375,8 +405,12 @@ def plot_scaling(rows, path: str) -> None:
   plt.close(fig)
 
 
-def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int) -> dict:
-  """Every case; returns the report (see the module docstring)."""
+GROUPS = ('train', 'predictive', 'ucam_maps', 'naive', 'sweep')  # --cases: any of them.
+
+
+def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int,
+        groups=GROUPS) -> dict:
+  """The cases of `groups` (GROUPS; all by default); returns the report (module docstring)."""
   sizes = SIZES['quick' if quick else 'full']
   if 'vocab_size' not in config:  # Built from the data in training.
     config.vocab_size = synthetic.VOCAB_SIZE
@@ -390,7 +424,8 @@ def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int) -> d
                          'num_answers': config.num_answers, 'vocab_size': config.vocab_size,
                          'max_question_length': config.max_question_length,
                          'aleatoric_samples': config.ucam.aleatoric_samples,
-                         'model': config.model.to_dict(), 'memory_budget_bytes': budget_bytes},
+                         'model': config.model.to_dict(), 'memory_budget_bytes': budget_bytes,
+                         'cases': list(groups), 'huge_pages': hugepages.active()},
             'roof': {'matmul': [sizes['roof_size']] * 2, 'dtype': 'float32',
                      'gflop_per_s': statistics.median(roof_samples), 'samples': roof_samples},
             'cases': {}}
@@ -404,57 +439,285 @@ def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int) -> d
     cases[name] = result
     log(f"{name}: {result['examples_per_s']:.2f} examples/s, {result['gflop_per_s']:.1f} GFLOP/s"
         f" = {result['fraction_of_roof']:.0%} of {result['roof_gflop_per_s']:.1f} (matmuls alone "
-        f"{result['matmul_fraction_of_roof']:.0%})")
+        f"{result['matmul_fraction_of_roof']:.0%}), kernel {result['sys_s']:.3f} s a call")
 
-  for n in sizes['train_batches']:
-    for mode, result in train_cases(config, model, n, ('mask', 'loss_only'), roof, reps).items():
-      record(f'train_{mode}_b{n}', result)
+  if 'train' in groups:
+    for n in sizes['train_batches']:
+      for mode, result in train_cases(config, model, n, ('mask', 'loss_only'), roof,
+                                      reps).items():
+        record(f'train_{mode}_b{n}', result)
   n, t = sizes['batch'], sizes['samples']
   params = init_params(model, make_batch(config, 1))
-  predictive = {}  # (samples, batch) -> result: the sweep reuses the main case.
-  predictive[t, n] = predictive_case(config, model, params, n, t, roof, reps, budget_bytes)
-  record(f'predictive_T{t}_b{n}', predictive[t, n])
-  record(f'ucam_maps_b{n}', ucam_case(config, model, params, n, roof, reps))
-  record(f'naive_T{t}_b{n}', naive_case(config, model, params, n, t, roof, reps))
-  # The two ran minutes apart under different loads: compare their times scaled by their roofs.
-  vmap, naive = predictive[t, n], cases[f'naive_T{t}_b{n}']
-  report['vmap_speedup'] = ((naive['seconds'] * naive['roof_gflop_per_s'])
-                            / (vmap['seconds'] * vmap['roof_gflop_per_s']))
-  report['vmap_speedup_raw'] = vmap['examples_per_s'] / naive['examples_per_s']
+  predictive = {}  # (samples, batch) -> result of the 'answer' scope: the sweep reuses it.
+  if 'predictive' in groups:
+    predictive[t, n] = predictive_case(config, model, params, n, t, roof, reps, budget_bytes)
+    record(f'predictive_T{t}_b{n}', predictive[t, n])
+    record(f'predictive_full_T{t}_b{n}', predictive_case(
+        config, model, params, n, t, roof, reps, budget_bytes, scope='full'))
+  if 'ucam_maps' in groups:
+    record(f'ucam_maps_b{n}', ucam_case(config, model, params, n, roof, reps))
+  if 'naive' in groups:
+    record(f'naive_T{t}_b{n}', naive_case(config, model, params, n, t, roof, reps))
+  report.update(speedups(cases, t, n))
 
-  rows = []
-  for b in sizes['sweep_batches']:
-    for s in sizes['sweep_samples']:
-      if (s, b) not in predictive:
-        predictive[s, b] = predictive_case(config, model, params, b, s, roof, sweep_reps,
-                                           budget_bytes)
-      result = predictive[s, b]
-      log(f"sweep T={s} batch={b}: {result['examples_per_s']:.2f} examples/s "
-          f"({result['fraction_of_roof']:.0%})")
-      rows.append({k: result[k] for k in (
-          'samples', 'batch', 'chunk_size', 'examples_per_s', 'gflop_per_s', 'roof_gflop_per_s',
-          'fraction_of_roof', 'matmul_fraction_of_roof', 'peak_bytes')})
-      # Comparable across rows: examples/s had the roof been the run's median roof.
-      rows[-1]['examples_per_s_at_median_roof'] = (
-          result['examples_per_s'] * report['roof']['gflop_per_s'] / result['roof_gflop_per_s'])
-  report['scaling'] = rows
-  m = sizes['memory_batch']
-  if (t, m) in predictive:
-    report['memory'] = {k: predictive[t, m][k] for k in (
-        'batch', 'samples', 'chunk_size', 'peak_bytes', 'peak_bytes_one_vmap')}
-  else:
-    report['memory'] = predictive_memory(config, model, params, m, t, budget_bytes)
-  report['memory']['how'] = (
-      'XLA compiled memory_analysis(): argument + output + temp - alias bytes, as run (in '
-      'chunks of chunk_size samples) and with every sample in one vmap')
+  if 'sweep' in groups:
+    rows = []
+    for b in sizes['sweep_batches']:
+      for s in sizes['sweep_samples']:
+        if (s, b) not in predictive:
+          predictive[s, b] = predictive_case(config, model, params, b, s, roof, sweep_reps,
+                                             budget_bytes)
+        result = predictive[s, b]
+        log(f"sweep T={s} batch={b}: {result['examples_per_s']:.2f} examples/s "
+            f"({result['fraction_of_roof']:.0%})")
+        rows.append({k: result[k] for k in (
+            'samples', 'batch', 'chunk_size', 'examples_per_s', 'gflop_per_s',
+            'roof_gflop_per_s', 'fraction_of_roof', 'matmul_fraction_of_roof', 'peak_bytes')})
+        # Comparable across rows: examples/s had the roof been the run's median roof.
+        rows[-1]['examples_per_s_at_median_roof'] = (
+            result['examples_per_s'] * report['roof']['gflop_per_s']
+            / result['roof_gflop_per_s'])
+    report['scaling'] = rows
+    m = sizes['memory_batch']
+    if (t, m) in predictive:
+      report['memory'] = {k: predictive[t, m][k] for k in (
+          'batch', 'samples', 'chunk_size', 'peak_bytes', 'peak_bytes_one_vmap')}
+    else:
+      report['memory'] = predictive_memory(config, model, params, m, t, budget_bytes)
+    report['memory']['how'] = (
+        'XLA compiled memory_analysis(): argument + output + temp - alias bytes, as run (in '
+        'chunks of chunk_size samples) and with every sample in one vmap')
   report['machine']['load_average_at_end'] = os.getloadavg()
-  # The issue's target: training, predictive uncertainty and U-CAM maps at >= 50% of the roof.
-  report['target'] = {
-      name: {'fraction_of_roof': c['fraction_of_roof'],
-             'matmul_fraction_of_roof': c['matmul_fraction_of_roof'],
-             'met': min(c['fraction_of_roof'], c['matmul_fraction_of_roof']) >= TARGET}
-      for name, c in cases.items() if not name.startswith('naive')}
+  report['target'] = targets(cases)
   return report
+
+
+def speedups(cases, t, n) -> dict:
+  """vmap_speedup: the naive loop against one vmap of the same computation (mc_scope 'full'),
+  at equal load (times x roofs, as the two ran minutes apart); full_scope_cost: the 'full'
+  scope's time over the 'answer' scope's, likewise. Only what `cases` has."""
+  def scaled(name):
+    return cases[name]['seconds'] * cases[name]['roof_gflop_per_s']
+  answer, full, naive = (f'predictive_T{t}_b{n}', f'predictive_full_T{t}_b{n}',
+                         f'naive_T{t}_b{n}')
+  out = {}
+  if naive in cases and full in cases:
+    out['vmap_speedup'] = scaled(naive) / scaled(full)
+    out['vmap_speedup_raw'] = cases[full]['examples_per_s'] / cases[naive]['examples_per_s']
+  if answer in cases and full in cases:
+    out['full_scope_cost'] = scaled(full) / scaled(answer)
+  return out
+
+
+def targets(cases) -> dict:
+  """The issue's target: training, predictive uncertainty and U-CAM maps at >= TARGET of the
+  roof (by XLA's count and by the matmuls alone)."""
+  return {name: {'fraction_of_roof': c['fraction_of_roof'],
+                 'matmul_fraction_of_roof': c['matmul_fraction_of_roof'],
+                 'met': min(c['fraction_of_roof'], c['matmul_fraction_of_roof']) >= TARGET}
+          for name, c in cases.items() if not name.startswith('naive')}
+
+
+# --------------------------------------------------------------------------- huge pages
+
+
+THP_COUNTERS = ('thp_fault_alloc', 'thp_fault_fallback', 'compact_stall', 'compact_success',
+                'compact_fail', 'thp_collapse_alloc', 'pgfault', 'pgmajfault')
+
+
+def vmstat() -> dict:
+  """The kernel's counters of THP_COUNTERS (/proc/vmstat, system wide); {} off Linux."""
+  try:
+    with open('/proc/vmstat') as f:
+      pairs = (line.split() for line in f)
+      return {k: int(v) for k, v in pairs if k in THP_COUNTERS}
+  except OSError:
+    return {}
+
+
+def thp_settings() -> dict:
+  """/sys/kernel/mm/transparent_hugepage/{enabled,defrag}: the kernel's THP policy."""
+  settings = {}
+  for name in ('enabled', 'defrag'):
+    try:
+      with open(f'/sys/kernel/mm/transparent_hugepage/{name}') as f:
+        settings[name] = f.read().strip()
+    except OSError:
+      pass
+  return settings
+
+
+def child_environment(huge: bool) -> dict:
+  """os.environ for a child bench with glibc's huge-page tunable on or off, and a shared
+  compilation cache (the pair's second process loads the first one's programs)."""
+  tunables = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':')
+              if t and not t.startswith(hugepages.TUNABLE + '=')]
+  if huge:
+    tunables.append(f'{hugepages.TUNABLE}=1')
+  env = dict(os.environ, UCAM_HUGE_PAGES='1' if huge else '0',
+             GLIBC_TUNABLES=':'.join(tunables),
+             JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.abspath(FLAGS.out), 'xla_cache'))
+  if not tunables:
+    del env['GLIBC_TUNABLES']
+  return env
+
+
+_OWN_FLAGS = ('--huge_pages', '--markdown', '--cases', '--out')
+
+
+def compare_huge_pages(groups) -> dict:
+  """{group: {'on': report, 'off': report}}: each case group in two child processes, one with
+  huge pages and one without, the order alternating from group to group (so a drift in the
+  machine's load favours neither), with the kernel's THP counters and the children's CPU
+  time (user / kernel) around each."""
+  passed = [a for a in sys.argv[1:] if not a.startswith(_OWN_FLAGS)]
+  out = {}
+  for i, group in enumerate(groups):
+    out[group] = {}
+    for huge in ((True, False) if i % 2 == 0 else (False, True)):
+      label = 'on' if huge else 'off'
+      directory = os.path.join(FLAGS.out, f'{group}_{label}')
+      before, times, start = vmstat(), os.times(), time.perf_counter()
+      result = subprocess.run(
+          [sys.executable, '-m', 'ucam_jax.bench', f'--cases={group}', f'--out={directory}',
+           *passed], env=child_environment(huge), stdout=subprocess.PIPE, text=True, check=True)
+      after, times_after = vmstat(), os.times()
+      report = json.loads(result.stdout)
+      report['process'] = {
+          'wall_s': time.perf_counter() - start,
+          'user_s': times_after.children_user - times.children_user,
+          'sys_s': times_after.children_system - times.children_system,
+          'vmstat': {k: after[k] - before[k] for k in after if k in before}}
+      out[group][label] = report
+      log(f"{group}, huge pages {label}: {report['process']['wall_s']:.0f} s, kernel "
+          f"{report['process']['sys_s']:.1f} s, THP faults {report['process']['vmstat'].get('thp_fault_alloc')}")
+  return out
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+MARK_BEGIN = '<!-- bench:begin (generated by python -m ucam_jax.bench --markdown; edit the code) -->'
+MARK_END = '<!-- bench:end -->'
+
+CASE_TITLES = [
+    (r'train_mask_b(\d+)', 'training step, GCA mask, batch {}'),
+    (r'train_loss_only_b(\d+)', 'training step, loss only, batch {}'),
+    (r'predictive_T(\d+)_b(\d+)', 'predictive, T = {} MC samples, mc_scope answer, batch {}'),
+    (r'predictive_full_T(\d+)_b(\d+)', 'predictive, T = {} MC samples, mc_scope full, batch {}'),
+    (r'ucam_maps_b(\d+)', 'U-CAM maps over the grid, batch {}'),
+    (r'naive_T(\d+)_b(\d+)', 'naive: the published way, {} full passes in a loop, batch {}'),
+]
+
+
+def case_title(name: str) -> str:
+  for pattern, title in CASE_TITLES:
+    if m := re.fullmatch(pattern, name):
+      return title.format(*m.groups())
+  return name
+
+
+def _git_revision() -> str:
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                          text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def cases_table(by_setting: dict) -> str:
+  """Markdown: one row per case, each setting's ('on' / 'off' / 'as run') figures."""
+  settings = list(by_setting)
+  head = '| case | ' + ' | '.join(
+      f'{s}: examples/s | {s}: s a call | {s}: fraction of roof (XLA / matmul) | '
+      f'{s}: kernel s, page faults a call' for s in settings)
+  align = '|---|' + '---:|' * (4 * len(settings))
+  if settings == ['on', 'off']:
+    head += ' | time on / off |'
+    align += '---:|'
+  lines = [head + ('' if head.endswith('|') else ' |'), align]
+  names = list(dict.fromkeys(n for cases in by_setting.values() for n in cases))
+  for name in names:
+    row = f'| {case_title(name)} |'
+    for s in settings:
+      c = by_setting[s].get(name)
+      row += (' - | - | - | - |' if c is None else
+              f" {c['examples_per_s']:.2f} | {c['seconds']:.3f} | "
+              f"**{c['fraction_of_roof']:.0%}** / {c['matmul_fraction_of_roof']:.0%} | "
+              f"{c['sys_s']:.2f}, {c['page_faults'] / 1e3:.0f} k |")
+    if settings == ['on', 'off'] and all(name in by_setting[s] for s in settings):
+      # Raw medians: the roof itself moves with the setting (its 16 MB output is a fresh
+      # mapping per call), so scaling by it would credit the setting's own effect to the load.
+      on, off = (by_setting[s][name] for s in settings)
+      row += f" {on['seconds'] / off['seconds']:.2f} |"
+    lines.append(row)
+  return '\n'.join(lines)
+
+
+def markdown(report: dict, command: str) -> str:
+  """The generated part of docs/performance.md."""
+  m = report['machine']
+  lines = [f"Generated by `{command}` at git {_git_revision()}, "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", '',
+           f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['backend']} backend, JAX {m['jax']}; "
+           f"load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}"
+           f" at the start, {', '.join(f'{x:.2f}' for x in m['load_average_at_end'])} at the "
+           f"end; transparent huge pages: enabled {m.get('thp', {}).get('enabled', '?')}, "
+           f"defrag {m.get('thp', {}).get('defrag', '?')}. Roof: fp32 "
+           f"{report['roof']['matmul'][0]}x{report['roof']['matmul'][1]} matmul, median "
+           f"{report['roof']['gflop_per_s']:.1f} GFLOP/s. Float {report['settings']['dtype']}, "
+           f"{report['settings']['reps']} timed runs a case (medians), "
+           f"{report['settings']['sweep_reps']} a sweep cell.", '']
+  if 'huge_pages' in report:
+    lines += ['### Every case, with and without huge pages', '',
+              'Each case group ran in two processes, one with `glibc.malloc.hugetlb=1` (on) and '
+              'one without (off), in alternating order, the machine otherwise idle (the CPU '
+              'lock). "kernel s, page faults a call": medians of one call\'s system CPU time and '
+              'minor page faults. "time on / off": the ratio of the two medians.', '',
+              cases_table({'on': report['cases_huge_pages']['on'],
+                           'off': report['cases_huge_pages']['off']}), '',
+              '| group | setting | wall s | user CPU s | kernel CPU s | THP faults | THP '
+              'fallbacks | compaction stalls | page faults |',
+              '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+    for group, pair in report['huge_pages'].items():
+      for label in ('on', 'off'):
+        p = pair[label]['process']
+        v = p['vmstat']
+        lines.append(f"| {group} | {label} | {p['wall_s']:.0f} | {p['user_s']:.1f} | "
+                     f"{p['sys_s']:.1f} | {v.get('thp_fault_alloc', '-')} | "
+                     f"{v.get('thp_fault_fallback', '-')} | {v.get('compact_stall', '-')} | "
+                     f"{v.get('pgfault', '-')} |")
+    lines.append('')
+  else:
+    lines += ['### Every case', '', cases_table({'as run': report['cases']}), '']
+  for key, text in (('vmap_speedup', 'one vmap over the MC keys against the naive loop, the '
+                     'same computation (mc_scope full), at equal load'),
+                    ('full_scope_cost', "mc_scope 'full' against 'answer', time at equal load")):
+    if key in report:
+      lines.append(f'- {text}: **{report[key]:.2f}x**')
+  if 'scaling' in report:
+    lines += ['', f"### Predictive uncertainty (mc_scope answer) as T and the batch grow "
+              f"(huge pages {'on' if report['settings']['huge_pages'] else 'off'})", '',
+              scaling_table(report['scaling']), '',
+              f"Memory at batch {report['memory']['batch']}, T = {report['memory']['samples']}: "
+              f"{report['memory']['peak_bytes'] / 2 ** 20:.0f} MiB in chunks of "
+              f"{report['memory']['chunk_size']} samples, "
+              f"{report['memory']['peak_bytes_one_vmap'] / 2 ** 20:.0f} MiB in one vmap "
+              f"({report['memory']['how']})."]
+  return '\n'.join(lines) + '\n'
+
+
+def write_markdown(path: str, text: str) -> None:
+  """Replaces what lies between MARK_BEGIN and MARK_END in `path` with `text` (appends the
+  block when the file has none), so the prose around it stays."""
+  old = open(path).read() if os.path.exists(path) else ''
+  block = f'{MARK_BEGIN}\n{text}{MARK_END}'
+  if MARK_BEGIN in old and MARK_END in old:
+    new = old[:old.index(MARK_BEGIN)] + block + old[old.index(MARK_END) + len(MARK_END):]
+  else:
+    new = old + ('\n' if old else '') + block + '\n'
+  with open(path, 'w') as f:
+    f.write(new)
 
 
 def main(argv):
@@ -468,16 +731,41 @@ def main(argv):
   config.model.dtype = FLAGS.dtype
   if FLAGS.quick:
     config = quick_config(config)
-  report = run(config, FLAGS.quick, FLAGS.reps, FLAGS.sweep_reps,
-               FLAGS.memory_budget_mb * 2 ** 20)
-  table = scaling_table(report['scaling'])
-  log(table)
+  groups = GROUPS if FLAGS.cases == 'all' else tuple(FLAGS.cases.split(','))
+  if unknown := set(groups) - set(GROUPS):
+    raise app.UsageError(f'--cases: unknown {sorted(unknown)}; choose from {list(GROUPS)}.')
   os.makedirs(FLAGS.out, exist_ok=True)
+  pairs = None
+  if FLAGS.huge_pages == 'compare':  # The case groups in child processes; the sweep here.
+    pairs = compare_huge_pages([g for g in groups if g != 'sweep'])
+    groups = tuple(g for g in groups if g == 'sweep')
+  report = run(config, FLAGS.quick, FLAGS.reps, FLAGS.sweep_reps,
+               FLAGS.memory_budget_mb * 2 ** 20, groups)
+  report['machine']['thp'] = thp_settings()
+  if pairs:
+    report['huge_pages'] = pairs
+    report['cases_huge_pages'] = {label: {name: case for pair in pairs.values()
+                                          for name, case in pair[label]['cases'].items()}
+                                  for label in ('on', 'off')}
+    default = 'on' if hugepages.active() else 'off'
+    report['cases'] = report['cases_huge_pages'][default]  # This command's own setting.
+    report['settings']['cases'] = list(GROUPS if FLAGS.cases == 'all' else FLAGS.cases.split(','))
+    t, n = SIZES['quick' if FLAGS.quick else 'full']['samples'], SIZES[
+        'quick' if FLAGS.quick else 'full']['batch']
+    report.update(speedups(report['cases'], t, n))
+    report['target'] = targets(report['cases'])
+  if 'scaling' in report:
+    table = scaling_table(report['scaling'])
+    log(table)
+    with open(os.path.join(FLAGS.out, 'bench_table.md'), 'w') as f:
+      f.write('Predictive uncertainty, T MC-dropout samples (ucam_jax.bench)\n\n' + table + '\n')
+    plot_scaling(report['scaling'], os.path.join(FLAGS.out, 'bench.png'))
   with open(os.path.join(FLAGS.out, 'bench.json'), 'w') as f:
     json.dump(report, f, indent=2)
-  with open(os.path.join(FLAGS.out, 'bench_table.md'), 'w') as f:
-    f.write('Predictive uncertainty, T MC-dropout samples (ucam_jax.bench)\n\n' + table + '\n')
-  plot_scaling(report['scaling'], os.path.join(FLAGS.out, 'bench.png'))
+  if FLAGS.markdown:
+    command = 'python -m ucam_jax.bench ' + ' '.join(
+        a for a in sys.argv[1:] if not a.startswith('--out'))
+    write_markdown(FLAGS.markdown, markdown(report, command.strip()))
   print(json.dumps(report, indent=2))
 
 
@@ -495,9 +783,17 @@ def define_flags():
   flags.DEFINE_string('out', 'workdir/bench', 'Writes bench.json, bench_table.md, bench.png here.')
   flags.DEFINE_integer('memory_budget_mb', 256, 'MC samples run in chunks whose masked copies '
                        'of the image features fit this (uncertainty.chunk_size_within).')
+  flags.DEFINE_string('cases', 'all', f'Comma-separated case groups to run, of {list(GROUPS)}, '
+                      'or all.')
+  flags.DEFINE_enum('huge_pages', 'as_run', ['as_run', 'compare'],
+                    "as_run: every case in this process, with this command's huge-page setting "
+                    '(ucam_jax.hugepages); compare: each case group in two child processes, '
+                    'with and without huge pages (the sweep stays in this one).')
+  flags.DEFINE_string('markdown', '', 'Also write the figures as markdown into this file, '
+                      'between its bench markers (e.g. docs/performance.md).')
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()
+  hugepages.reexec_with_huge_pages(default=HUGE_PAGES_DEFAULT)
   define_flags()
   app.run(main)

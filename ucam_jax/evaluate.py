@@ -86,8 +86,9 @@ MC_MEMORY_BYTES = 1 << 30  # What the dropped-out grids of a batch's MC samples 
 
 def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   """Per-question outputs of a padded batch: the deterministic answer and its loss, and the MC
-  dropout statistics of `mc_samples` stochastic passes of the answer stage (the image and the
-  question are encoded once).
+  dropout statistics of `mc_samples` stochastic passes (`gca.mc_sampler` of `ucam.mc_scope`:
+  the answer stage on the image and question encoded once, or, 'full', every dropout of the
+  model with the question encoder rerun per sample).
 
   In GCA mode the MC passes reuse the certainty maps of the deterministic pass. Also returns
   the GCA outputs (maps, the first pass's attention) and the MC-dropout `top_answers`.
@@ -99,16 +100,11 @@ def eval_step(params, apply_fn, batch, key, mc_samples: int, ucam):
   _, out = gca.forward(apply_fn, params, features, batch['answer'], batch['weight'], gca_key,
                        ucam, train=False)
   maps = {b: out[f'certainty_{b}'] for b in ('image', 'question') if f'certainty_{b}' in out}
-  inputs = gca.answer_inputs(apply_fn, params, features, maps, ucam.combine)
-
-  def answer_fn(dropout_key):
-    sample = gca.answer(apply_fn, params, inputs, dropout_key)
-    return sample['logits'], sample['sigma2']
+  answer_fn = gca.mc_sampler(apply_fn, params, features, maps, ucam.combine, ucam.mc_scope)
 
   # Chunks of samples whose dropped-out copies of the grid fit MC_MEMORY_BYTES (all samples at
   # once unless the grids are large: 50 samples of 256 14x14x2048 grids would hold 20 GB).
-  chunk = uncertainty.chunk_size_within(mc_samples, inputs[0].size * inputs[0].dtype.itemsize,
-                                        MC_MEMORY_BYTES)
+  chunk = uncertainty.chunk_size_within(mc_samples, v.size * v.dtype.itemsize, MC_MEMORY_BYTES)
   sample_logits, sample_sigma2 = uncertainty.mc_dropout(
       answer_fn, mc_key, mc_samples, None if chunk == mc_samples else chunk)
   stats = uncertainty.predictive_stats(sample_logits, sample_sigma2)
@@ -239,7 +235,9 @@ def vqa_accuracy(predicted, labels, answer_names, human_answers=None) -> np.ndar
 def summarise(out, config, answer_names=None, family_names=None, human_answers=None,
               answer_types=None) -> dict:
   """The metrics of `evaluate` from its per-question outputs (see there)."""
-  results = {'num_examples': len(out['answer'])}
+  # Which MC-dropout computation the mc_ figures and the uncertainty scores are of.
+  results = {'num_examples': len(out['answer']), 'mc_scope': config.ucam.mc_scope,
+             'mc_samples': config.mc_samples}
   if answer_names is not None and answer_types is not None:  # VQA: every question.
     official = vqa_answers.official_accuracy(
         [answer_names[p] for p in out['probs'].argmax(-1)], human_answers, answer_types)
@@ -560,8 +558,9 @@ def evaluate_and_report(params, apply_fn, builder, vocab, mesh, config, workdir:
     plots = report.plot_evaluation(workdir, {k: v[labelled] for k, v in outputs.items()},
                                    results, spearman)
     report.write(workdir, sample, vocab, answer_names, config,
-                 {f'test {k}': results[k] for k in ('accuracy', 'vqa_accuracy', 'ece', 'nll',
-                                                    'brier') if k in results},
+                 {**{f'test {k}': results[k] for k in ('accuracy', 'vqa_accuracy', 'ece', 'nll',
+                                                       'brier') if k in results},
+                  'MC dropout': f"{results['mc_samples']} samples, scope '{results['mc_scope']}'"},
                  plots=plots, maps=results.get('maps'))
     if writer is not None:
       writer.write_images(step, report.first_figures(workdir, sample))

@@ -26,7 +26,9 @@ map_source 'variance' differentiates the predicted variance instead of U; map_we
 each map by clip(1 - variance, 0, 1); map_gradient 'stop' holds the maps fixed in the loss (they
 depend on A even at first order). variance_detach stops sigma2's gradient at the variance head's
 input; uncertainty_trains 'variance_head' holds the logits fixed in U; uncertainty_weight scales
-U in the loss; predictive_variance 'normalised' bounds L_PU. The maps always see every path of
+U in the loss; predictive_variance 'normalised' bounds L_PU; mc_scope 'full' draws the MC-dropout
+samples (of L_PU here, of the evaluation's predictive statistics) with every dropout of the
+model, the word embeddings' included, instead of the answer stage's alone ('answer'). The maps always see every path of
 their source (no detach): they are gradients with respect to the features, not the parameters.
 
 The same function serves training (dropout on) and evaluation (dropout off): the maps, and so
@@ -54,6 +56,7 @@ SWITCHES = {
     'predictive_variance': ('raw', 'normalised'),
     'variance_optimizer': ('main', 'sgd'),
     'uncertainty_trains': ('all', 'variance_head'),
+    'mc_scope': ('answer', 'full'),
 }
 
 
@@ -112,12 +115,12 @@ def certainty_map(A, G, lengths=None, sign='certainty', normalisation='max',
   return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1), 0)
 
 
-def answer_inputs(apply_fn, params, features, maps=None, combine='multiply'):
-  """The answer stage's inputs (v, q, certainty) from precomputed features and optional maps.
+def masked_features(features, maps=None, combine='multiply'):
+  """(v, e, lengths, certainty): the features with the certainty maps applied.
 
   features: (v [n, h, w, d], e [n, length, k], lengths [n]); maps: {'image': [n, h, w],
-  'question': [n, length]}, either optional. The question encoder runs here, once: dropout
-  lives only in the answer stage, so MC samples share these inputs.
+  'question': [n, length]}, either optional. 'multiply' hands the image map to the attention
+  (certainty, else None), 'residual' scales v by 1 + M; the question map scales e.
   """
   v, e, lengths = features
   maps = maps or {}
@@ -130,8 +133,52 @@ def answer_inputs(apply_fn, params, features, maps=None, combine='multiply'):
   if 'question' in maps:
     words = maps['question'][..., None]
     e = e * (words if combine == 'multiply' else 1 + words)
+  return v, e, lengths, certainty
+
+
+def answer_inputs(apply_fn, params, features, maps=None, combine='multiply'):
+  """The answer stage's inputs (v, q, certainty) from precomputed features and optional maps
+  (`masked_features`). The question encoder runs here, once and deterministically: the answer
+  stage's samples (training, the 'answer' MC scope) share these inputs."""
+  v, e, lengths, certainty = masked_features(features, maps, combine)
   q, _ = apply_fn(params, e, lengths, method='encode_question')
   return v, q, certainty
+
+
+def _question_and_answer(module, v, e, lengths, certainty=None, *, deterministic=True,
+                         detach_variance=False):
+  """The question encoder and the answer stage as one call: one dropout key serves both."""
+  q, _ = module.encode_question(e, lengths, deterministic=deterministic)
+  return module.answer(v, q, certainty, deterministic=deterministic,
+                       detach_variance=detach_variance)
+
+
+def mc_sampler(apply_fn, params, features, maps=None, combine='multiply', scope='answer',
+               detach_variance=False):
+  """key -> (logits [n, c], sigma2 [n]): one MC-dropout sample, for `uncertainty.mc_dropout`.
+
+  scope 'answer': the answer stage's dropout on inputs computed once (`answer_inputs`).
+  'full': every dropout of the model, the word embeddings' included, as the published
+  evaluation runs it; the question encoder (its LSTM) runs in every sample, on the embeddings
+  and grid computed once (`masked_features`). Both are one vmap over keys in `mc_dropout`.
+  """
+  if scope == 'answer':
+    inputs = answer_inputs(apply_fn, params, features, maps, combine)
+
+    def sample(key):
+      out = answer(apply_fn, params, inputs, key, detach_variance)
+      return out['logits'], out['sigma2']
+    return sample
+  if scope != 'full':
+    raise ValueError(f'config.ucam.mc_scope is {scope!r}; choose one of '
+                     f"{list(SWITCHES['mc_scope'])}.")
+  inputs = masked_features(features, maps, combine)
+
+  def sample(key):
+    out = apply_fn(params, *inputs, method=_question_and_answer, deterministic=False,
+                   detach_variance=detach_variance, rngs={'dropout': key})
+    return out['logits'], out['sigma2']
+  return sample
 
 
 def answer(apply_fn, params, inputs, dropout_key=None, detach_variance=False):
@@ -195,16 +242,19 @@ def forward(apply_fn, params, features, targets, weights, key, ucam, train: bool
 
   def run(v, e, maps, detach):
     """The answer pass with the features given explicitly, so it can be differentiated; with
-    U predictive, also the variance L_PU uses [n] (its MC-dropout samples share the pass's
-    inputs)."""
+    U predictive, also the variance L_PU uses [n], from MC-dropout samples of
+    `ucam.mc_scope` (`mc_sampler`)."""
     inputs = answer_inputs(apply_fn, params, (v, e, features[2]), maps, ucam.combine)
     out = answer(apply_fn, params, inputs, dropout_key, detach)
     if ucam.uncertainty == 'aleatoric':
       return out, None
-
-    def sample(k):
-      s = answer(apply_fn, params, inputs, k, detach)
-      return s['logits'], s['sigma2']
+    if ucam.mc_scope == 'answer':  # The pass's inputs, not encoded twice.
+      def sample(k):
+        s = answer(apply_fn, params, inputs, k, detach)
+        return s['logits'], s['sigma2']
+    else:
+      sample = mc_sampler(apply_fn, params, (v, e, features[2]), maps, ucam.combine,
+                          ucam.mc_scope, detach)
     stats = uncertainty.predictive_stats(
         *uncertainty.mc_dropout(sample, sample_key, ucam.predictive_samples))
     return out, predictive_variance(ucam, stats['predictive_variance'])

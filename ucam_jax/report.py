@@ -313,8 +313,9 @@ def write(workdir: str, sample: dict, vocab, answer_names, config,
       for key, indices in sample['sections'].items())
   summary_html = ''
   if summary:
-    summary_html = '<p>' + '; '.join(f'{html.escape(str(k))} {v:.4f}' for k, v in summary.items()
-                                     if isinstance(v, float)) + '</p>'
+    summary_html = '<p>' + '; '.join(
+        f'{html.escape(str(k))} ' + (f'{v:.4f}' if isinstance(v, float) else html.escape(v))
+        for k, v in summary.items() if isinstance(v, (float, str))) + '</p>'
   links = ' &middot; '.join(f'<a href="{href}">{name}</a>' for name, href in LINKS)
   plots_html = ''.join(f'<a href="{html.escape(name)}"><img src="{html.escape(name)}"></a>'
                        for name in plots)

@@ -204,6 +204,13 @@ def train_step(state: TrainState, batch, ucam):
   return state, metrics
 
 
+def jit_train_step(ucam, out_sharding=None):
+  """`train_step` under `ucam`, jitted as training runs it: the state's buffers donated (the
+  new state reuses them), the outputs placed by `out_sharding` (e.g. replicated over the mesh)."""
+  placed = {} if out_sharding is None else {'out_shardings': (out_sharding, out_sharding)}
+  return jax.jit(functools.partial(train_step, ucam=ucam), donate_argnums=0, **placed)
+
+
 def prepare_workdir(workdir: str) -> None:
   """Creates the workdir (a directory or gs://bucket/dir), or fails with a message that says
   what to do."""
@@ -375,8 +382,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> dict:
 
   writer = metric_writer.MetricWriter(workdir, resume_step=start_step) if main_process else None
   def jit_step(ucam):
-    return jax.jit(functools.partial(train_step, ucam=ucam), donate_argnums=0,
-                   out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+    return jit_train_step(ucam, sharding.replicated(mesh))
 
   step_fn = jit_step(config.ucam)
   # Warm-up: the first steps train the baseline (the answer loss alone), then U and the maps.
@@ -492,6 +498,8 @@ def _evaluation_settings(config_json: dict) -> dict:
   if isinstance(kwargs, dict):
     out['dataset_kwargs'] = {k: v for k, v in kwargs.items()
                              if k not in _LOCATION_KEYS and v is not None} or None
+  if isinstance(out.get('ucam'), dict):  # How MC dropout is sampled is the evaluation's choice.
+    out['ucam'] = {k: v for k, v in out['ucam'].items() if k != 'mc_scope'}
   return out
 
 

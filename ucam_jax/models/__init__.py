@@ -1,12 +1,14 @@
 """VQA models. Each is a Flax linen module with three stages, applied separately by name:
 
   encode_image(images) -> v [batch, h, w, d]        no dropout: computed once per input
-  encode_question(tokens, lengths) -> (q [batch, d], words [batch, length, d])
+  encode_question(e, lengths, deterministic) -> (q [batch, d], words [batch, length, d])
   answer(v, q, certainty, deterministic, detach_variance) -> {'logits': [batch, answers], 'sigma2': [batch],
                                   'attention': [batch, glimpses, h, w]}
 
-`__call__` chains them. Dropout lives only in `answer`, so MC dropout and gradients with respect to
-the features v and q re-run only that stage.
+`__call__` chains them. Dropout acts in `answer` and, with deterministic=False, on the word
+embeddings in `encode_question` (the published model's). MC dropout of the 'answer' scope and
+gradients with respect to the features v and q re-run only the answer stage; the 'full' scope
+(`config.ucam.mc_scope`) re-runs the question encoder too (`gca.mc_sampler`).
 """
 
 from ucam_jax.models.attention_net import AttentionNet

@@ -8,12 +8,11 @@ and Answer", on precomputed grid features, with the aleatoric variance head.
   answer    [pooled; q] -> drop -> 1024 -> ReLU -> drop -> 3000 logits;
             sigma2 = softplus(Linear(logits -> 1))
 
-One deviation, for the staged contract of `ucam_jax.models`: the published model also drops out
-the word embeddings before the tanh. Dropout there would make q (and the LSTM) differ per MC
-sample, so every sample would rerun the question encoder and the staged stages could not share
-it; and `gca.answer_inputs` runs the encoder deterministically, so it would never be on. Here
-dropout lives only in `answer`, where q is dropped twice already (into the attention and into
-the classifier), as in the published model.
+The published model also drops out the word embeddings before the tanh. That dropout makes q
+(and the LSTM) differ per MC sample, so a sample that includes it reruns the question encoder:
+`encode_question(..., deterministic=False)` applies it, as `__call__(deterministic=False)` (the
+published forward pass) and the 'full' MC scope (`config.ucam.mc_scope`, `gca.mc_sampler`) do.
+Training and the 'answer' scope run the encoder deterministically, once, and share q.
 
 The 1x1 convolutions are dense layers over the channel axis: under `jax.vmap` over MC keys the
 2048 -> 512 projection of every sample, example and cell is one matmul. Dropout masks take one
@@ -176,15 +175,16 @@ class AttentionNet(nn.Module):
     """tokens: [n, length] int -> word embeddings e [n, length, embed_dim]."""
     return self.embed(tokens)
 
-  def encode_question(self, e, lengths):
+  def encode_question(self, e, lengths, *, deterministic: bool = True):
     """e: [n, length, embed_dim] (embed_question), lengths: [n] ->
     (q [n, question_dim] the LSTM's final cell state, words [n, length, question_dim]).
 
-    e is exposed to `ucam_jax.explain` as the intermediate 'words'.
+    e is exposed to `ucam_jax.explain` as the intermediate 'words'. deterministic=False drops
+    out the embeddings before the tanh, as the published model does (see the module docstring).
     """
     e = self.perturb('words', e)
     self.sow('intermediates', 'words', e)
-    return self.lstm(jnp.tanh(e), lengths)
+    return self.lstm(jnp.tanh(self.dropout(e, deterministic=deterministic)), lengths)
 
   def answer(self, v, q, certainty=None, *, deterministic: bool = True,
              detach_variance: bool = False):
@@ -220,5 +220,6 @@ class AttentionNet(nn.Module):
             'attention': attention.reshape(n, self.glimpses, h, w)}
 
   def __call__(self, features, tokens, lengths, *, deterministic: bool = True):
-    q, _ = self.encode_question(self.embed_question(tokens), lengths)
+    q, _ = self.encode_question(self.embed_question(tokens), lengths,
+                                deterministic=deterministic)
     return self.answer(self.encode_image(features), q, deterministic=deterministic)

@@ -96,15 +96,17 @@ class SAN(nn.Module):
     """tokens: [batch, length] int -> word embeddings e [batch, length, embed_dim]."""
     return self.embed(tokens)
 
-  def encode_question(self, e, lengths):
+  def encode_question(self, e, lengths, *, deterministic: bool = True):
     """e: [batch, length, embed_dim] (embed_question), lengths: [batch] ->
     (q [batch, d], words [batch, length, d]).
 
     e is exposed to `ucam_jax.explain` as the intermediate 'words': a map over it weights the
-    question's words.
+    question's words. deterministic=False drops out the word embeddings (the 'full' MC scope,
+    `config.ucam.mc_scope`; training runs the encoder deterministically).
     """
     e = self.perturb('words', e)
     self.sow('intermediates', 'words', e)
+    e = self.dropout(e, deterministic=deterministic)
     (_, q), words = self.lstm(e, seq_lengths=lengths)
     return q, words
 
@@ -138,5 +140,6 @@ class SAN(nn.Module):
     return {'logits': logits, 'sigma2': sigma2, 'attention': jnp.stack(maps, axis=1)}
 
   def __call__(self, images, tokens, lengths, *, deterministic: bool = True):
-    q, _ = self.encode_question(self.embed_question(tokens), lengths)
+    q, _ = self.encode_question(self.embed_question(tokens), lengths,
+                                deterministic=deterministic)
     return self.answer(self.encode_image(images), q, deterministic=deterministic)
