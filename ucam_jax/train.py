@@ -79,6 +79,8 @@ RANGES = {
     'model.num_hops': (1, INF, '[)'), 'model.glimpses': (1, INF, '[)'),
     'model.classifier_dim': (1, INF, '[)'), 'model.dropout_rate': (0, 1, '[)'),
     'model.variance_hidden_dim': (0, INF, '[)'), 'monitor_every_steps': (0, INF, '[)'),
+    'model.sketch_dim': (1, INF, '[)'), 'model.joint_dim': (1, INF, '[)'),
+    'model.image_dim': (1, INF, '[)'),
 }
 
 
@@ -134,12 +136,15 @@ def variance_labels(params):
 
 def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
   """Adam on the schedule; with config.ucam.variance_optimizer 'sgd', the variance head has its
-  own plain SGD at config.ucam.variance_learning_rate, as the published training scripts do."""
-  adam = optax.adam(learning_rate_schedule(config, num_steps))
-  if config.ucam.variance_optimizer == 'main':
-    return adam
-  return optax.multi_transform(
-      {'main': adam, 'variance': optax.sgd(config.ucam.variance_learning_rate)}, variance_labels)
+  own plain SGD at config.ucam.variance_learning_rate, as the published training scripts do.
+  The model's fixed tables (`models.FIXED_PARAMS`, MCB's count sketches) get zero updates."""
+  tx = optax.adam(learning_rate_schedule(config, num_steps))
+  if config.ucam.variance_optimizer == 'sgd':
+    tx = optax.multi_transform(
+        {'main': tx, 'variance': optax.sgd(config.ucam.variance_learning_rate)}, variance_labels)
+  if models.has_fixed_params(config.model.name):  # Never moved, by any optimiser or decay.
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), models.fixed_mask))
+  return tx
 
 
 def create_train_state(config, model: nn.Module, num_steps: int, batch) -> TrainState:

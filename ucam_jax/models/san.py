@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ucam_jax.models import variance
+from ucam_jax.models import stem, variance
 
 
 def _at_least_float32(x):
@@ -55,12 +55,7 @@ class SAN(nn.Module):
   variance_hidden_dim: int = 0  # > 0: the variance head's own hidden ReLU layer (0: linear).
 
   def setup(self):
-    # Stride-2 convs down to the grid, then stride-1 convs on the grid, which widen what each
-    # cell sees (receptive field 15 -> 31 pixels with three + one) at little cost.
-    self.stem = ([nn.Conv(f, (3, 3), strides=2, dtype=self.dtype, name=f'conv{i}')
-                  for i, f in enumerate(self.stem_features)]
-                 + [nn.Conv(self.stem_features[-1], (3, 3), dtype=self.dtype, name=f'grid_conv{i}')
-                    for i in range(self.grid_convs)])
+    self.stem = stem.convs(self.stem_features, self.grid_convs, self.dtype)
     self.image_proj = nn.Dense(self.hidden_dim, dtype=self.dtype)
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
     # The carry is created in param_dtype and stays so: gates in dtype, state in float32 (float64
@@ -80,17 +75,9 @@ class SAN(nn.Module):
                             if self.variance_hidden_dim else None)
 
   def encode_image(self, images):
-    """images: [batch, H, W, 3] uint8 -> v: [batch, H/2^k, W/2^k, hidden_dim], k stride-2 convs.
-
-    Each image's mean colour is subtracted first: a uniform background of any colour becomes ~0,
-    so the cells that hold an object stand out and attention learns to single them out (without
-    it, easy-VQA attention stays near uniform and yes/no questions stay at their prior for epochs).
-    """
-    x = images.astype(jnp.float32) / 255.0
-    x = x - x.mean(axis=(1, 2), keepdims=True)
-    for conv in self.stem:
-      x = nn.relu(conv(x))
-    return jnp.tanh(self.image_proj(x))
+    """images: [batch, H, W, 3] uint8 -> v: [batch, H/2^k, W/2^k, hidden_dim], k stride-2 convs
+    (`ucam_jax.models.stem.grid`)."""
+    return stem.grid(self.stem, self.image_proj, images)
 
   def embed_question(self, tokens):
     """tokens: [batch, length] int -> word embeddings e [batch, length, embed_dim]."""
