@@ -183,7 +183,8 @@ def test_count_sketch_tables_are_fixed_through_training_and_a_checkpoint(tmp_pat
 SWITCHES = [
     dict(mode='loss_only', uncertainty='both'),
     dict(mode='mask', uncertainty='aleatoric', branch='image', combine='multiply'),
-    dict(mode='mask', uncertainty='predictive', branch='question', combine='residual'),
+    dict(mode='mask', uncertainty='predictive', branch='question', combine='residual',
+         mc_scope='full'),
     dict(mode='mask', uncertainty='both', branch='both', combine='multiply'),
 ]
 

@@ -162,15 +162,16 @@ class GlimpseVQA(nn.Module):
     """tokens: [n, length] int -> word embeddings e [n, length, embed_dim]."""
     return self.embed(tokens)
 
-  def encode_question(self, e, lengths):
+  def encode_question(self, e, lengths, *, deterministic: bool = True):
     """e: [n, length, embed_dim] (embed_question), lengths: [n] >= 1 ->
     (q [n, question_dim] the LSTM's last hidden state, words [n, length, question_dim]).
 
-    e is exposed to `ucam_jax.explain` as the intermediate 'words'.
+    e is exposed to `ucam_jax.explain` as the intermediate 'words'. deterministic=False drops
+    out the embeddings before the tanh, as the attention network does (the 'full' MC scope).
     """
     e = self.perturb('words', e)
     self.sow('intermediates', 'words', e)
-    _, words = self.lstm(jnp.tanh(e), lengths)
+    _, words = self.lstm(jnp.tanh(self.dropout(e, deterministic=deterministic)), lengths)
     last = jnp.maximum(lengths - 1, 0)[:, None, None]
     return jnp.take_along_axis(words, last, axis=1)[:, 0], words
 
@@ -211,7 +212,8 @@ class GlimpseVQA(nn.Module):
             'attention': attention.reshape(n, self.glimpses, h, w)}
 
   def __call__(self, images, tokens, lengths, *, deterministic: bool = True):
-    q, _ = self.encode_question(self.embed_question(tokens), lengths)
+    q, _ = self.encode_question(self.embed_question(tokens), lengths,
+                                deterministic=deterministic)
     return self.answer(self.encode_image(images), q, deterministic=deterministic)
 
 
