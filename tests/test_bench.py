@@ -53,7 +53,8 @@ def test_quick_run_reports_every_case(tmp_path):
   base, bilinear = text.split(bench.markers('bilinear')[0])
   assert 'training step, GCA mask, batch 4' in base and 'MCB:' not in base
   assert 'MCB: its FFTs alone' in bilinear and 'MLB: U-CAM maps' in bilinear
-  assert "FFTs' share" in bilinear and 'GCA mask' not in bilinear
+  assert "FFTs' time over" in bilinear and 'GCA mask' not in bilinear
+  assert 'a sweep cell' in base and 'a sweep cell' not in bilinear
 
 
 def test_markdown_replaces_only_the_generated_block(tmp_path):

@@ -753,8 +753,9 @@ def markdown(report: dict, command: str) -> str:
            f"defrag {m.get('thp', {}).get('defrag', '?')}. Roof: fp32 "
            f"{report['roof']['matmul'][0]}x{report['roof']['matmul'][1]} matmul, median "
            f"{report['roof']['gflop_per_s']:.1f} GFLOP/s. Float {report['settings']['dtype']}, "
-           f"{report['settings']['reps']} timed runs a case (medians), "
-           f"{report['settings']['sweep_reps']} a sweep cell.", '']
+           f"{report['settings']['reps']} timed runs a case (medians)"
+           + (f", {report['settings']['sweep_reps']} a sweep cell." if 'scaling' in report
+              else '.'), '']
   if 'huge_pages' in report:
     lines += ['### Every case, with and without huge pages', '',
               'Each case group ran in two processes, one with `glibc.malloc.hugetlb=1` (on) and '
@@ -780,8 +781,8 @@ def markdown(report: dict, command: str) -> str:
   for key, text in (('vmap_speedup', 'one vmap over the MC keys against the naive loop, the '
                      'same computation (mc_scope full), at equal load'),
                     ('full_scope_cost', "mc_scope 'full' against 'answer', time at equal load"),
-                    ('mcb_fft_share', "MCB: its FFTs' share of the attention pooling's time, "
-                     'at equal load')):
+                    ('mcb_fft_share', "MCB: its FFTs' time over the whole attention "
+                     "pooling's, at equal load")):
     if key in report:
       lines.append(f'- {text}: **{report[key]:.2f}x**')
   if 'scaling' in report:
