@@ -1,22 +1,24 @@
 """MCB and MLB (ucam_jax/models/bilinear.py) at toy sizes: compact bilinear pooling against the
 explicit sketched outer product, the staged contract on grid features and on raw images, the
-fixed count-sketch tables through training and a checkpoint, and the GCA switches on both. The
-1-vs-8-device equality is tests/test_model.py's, parametrised over the models."""
+fixed count-sketch tables through training and a checkpoint, the GCA switches on both, and the
+1-vs-8-device equality of training on both. Compiling is most of their time: parameters and
+training states are initialised in one jitted program each (eager init runs op by op)."""
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import mcb, mlb
-from ucam_jax import checkpoints, explain, gca, models, train
+from ucam_jax import checkpoints, explain, gca, models, sharding, train
 from ucam_jax.datasets import synthetic
 from ucam_jax.models import bilinear
 
 GRID = (4, 4, 12)
-VOCAB, ANSWERS, LENGTH = 20, 13, 6
+VOCAB, ANSWERS, LENGTH = 20, 13, 4
 SIZES = {'mcb': dict(embed_dim=8, question_dim=16, sketch_dim=64, attention_dim=8),
          'mlb': dict(embed_dim=8, question_dim=16, attention_dim=8, joint_dim=16)}
 
@@ -41,11 +43,17 @@ def _batch(inputs, n=4, seed=0, questions_per_image=None):
 
 @functools.cache
 def _setup(name, inputs='grid'):
+  """(model, params, batch), shared by the tests of one model and input kind."""
   model = models.get_model(tiny_config(name, 'vqa_v1' if inputs == 'grid' else 'easy_vqa'),
                            VOCAB, ANSWERS)
   batch = _batch(inputs)
-  variables = model.init(jax.random.key(0), batch['image'], batch['question'], batch['length'])
+  variables = jax.jit(model.init)(jax.random.key(0), batch['image'], batch['question'],
+                                  batch['length'])
   return model, {'params': variables['params']}, batch
+
+
+def _train_state(config, model, groups):
+  return jax.jit(lambda g: train.create_train_state(config, model, 10, g))(groups)
 
 
 def test_compact_bilinear_is_the_sketched_outer_product():
@@ -115,6 +123,15 @@ def test_staged_contract(name, inputs):
                                      deterministic=False, rngs={'dropout': jax.random.key(3)})[0],
                          q)
   np.testing.assert_array_equal(answer(jax.random.key(3), True), answer(jax.random.key(4), True))
+  # With dropout on, the full model (the embeddings dropped out too, only when asked) is the
+  # 'full' MC scope's sample with the same key.
+  key = jax.random.key(3)
+  sample = gca.mc_sampler(model.apply, params, (v, e, batch['length']), scope='full')
+  np.testing.assert_allclose(sample(key)[0], model.apply(
+      params, batch['image'], batch['question'], batch['length'], deterministic=False,
+      rngs={'dropout': key})['logits'], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(model.apply(params, e, batch['length'], method='encode_question',
+                                     deterministic=False, rngs={'dropout': key})[0], q)
 
   padded = np.where(np.arange(LENGTH) < batch['length'][:, None], batch['question'], 7)
   np.testing.assert_allclose(model.apply(params, batch['image'], padded.astype(np.int32),
@@ -131,12 +148,14 @@ def test_staged_contract(name, inputs):
 
   def apply_answer(variables, v, q, **kwargs):
     return model.apply(variables, v, q, method='answer', **kwargs)
-  maps = explain.explain(apply_answer, params, (v, q), 'grid',
-                         lambda out: out['logits'].max(-1), method='gradcam')
+  # Jitted: one compile each, where eager gradients dispatch op by op (4 s here).
+  maps = jax.jit(lambda params, v, q: explain.explain(
+      apply_answer, params, (v, q), 'grid', lambda out: out['logits'].max(-1),
+      method='gradcam'))(params, v, q)
   assert maps.shape == (n, 4, 4) and np.isfinite(maps).all()
-  activation, _ = explain.activations_and_gradients(
-      functools.partial(model.apply, method='encode_question'), params, (e, batch['length']),
-      'words', lambda out: out[0].sum(-1))
+  activation, _ = jax.jit(lambda params, e, lengths: explain.activations_and_gradients(
+      functools.partial(model.apply, method='encode_question'), params, (e, lengths), 'words',
+      lambda out: out[0].sum(-1)))(params, e, batch['length'])
   np.testing.assert_allclose(activation, e, rtol=1e-6)
 
 
@@ -152,7 +171,7 @@ def test_count_sketch_tables_are_fixed_through_training_and_a_checkpoint(tmp_pat
   config.ucam.mode = 'none'  # The quickest step to compile; the tables get no gradient in any.
   model = models.get_model(config, VOCAB, ANSWERS)
   groups = _batch('grid', 2, seed=1, questions_per_image=3)
-  state = train.create_train_state(config, model, 10, groups)
+  state = _train_state(config, model, groups)
   tables = _tables(state.params)
   assert len(tables) == 8  # Two MCB layers, each a sketch of x and of y: hash and sign.
   for key, table in tables.items():
@@ -160,9 +179,9 @@ def test_count_sketch_tables_are_fixed_through_training_and_a_checkpoint(tmp_pat
       assert (table == np.round(table)).all() and table.min() >= 0 and table.max() < 64
     else:
       assert set(np.unique(table)) <= {-1.0, 1.0}
-  again = _tables(train.create_train_state(config, model, 10, groups).params)
+  again = _tables(_train_state(config, model, groups).params)
   config.seed = 1
-  other = _tables(train.create_train_state(config, model, 10, groups).params)
+  other = _tables(_train_state(config, model, groups).params)
   for key in tables:  # Fixed by the seed.
     np.testing.assert_array_equal(again[key], tables[key])
   assert any((other[key] != tables[key]).any() for key in tables)
@@ -219,3 +238,45 @@ def test_gca_switches_give_finite_terms_and_gradients(name, switches):
   fixed = jax.tree.leaves(models.fixed_mask(grads))
   assert any(np.abs(g).max() > 0 for g, f in zip(jax.tree.leaves(grads), fixed) if not f)
   assert not any(np.abs(g).any() for g, f in zip(jax.tree.leaves(grads), fixed) if f)
+
+
+@pytest.mark.parametrize('name', ['mcb', 'mlb'])
+def test_eight_devices_match_one_device(name):
+  """Two training steps on 8 images of 3 questions (some padding), data parallel over 8
+  devices, equal the same steps on one device."""
+  assert jax.device_count() == 8, 'conftest asks XLA for 8 CPU devices'
+  config = tiny_config(name)
+  config.ucam.mode = 'none'  # The GCA modes: test_gca_switches_...; here, the sharding.
+  # MCB's signed square root (slope 1 / (2 sqrt|z|) near 0) amplifies round-off, and Adam turns
+  # the gradient noise of near-zero gradients into whole steps: in float32 its losses were 1e-4
+  # apart at step 3 and a parameter 2e-3 (the first gradients 4e-5 apart, relative); in float64,
+  # 3e-10. So it runs in float64, where a sharding error would still show.
+  x64 = name == 'mcb'
+  if x64:
+    config.model.dtype = 'float64'
+  model = models.get_model(config, VOCAB, ANSWERS)
+  batches = [_batch('grid', 8, seed=i, questions_per_image=3) for i in range(2)]
+  for batch in batches:
+    batch['weight'][::2, -1] = 0.0  # Padding questions.
+  results = []
+  with jax.enable_x64(x64):
+    start = _train_state(config, model, batches[0])
+    if x64:  # The optimiser's state too, so that the second step reuses the first's program.
+      start = jax.tree.map(
+          lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, start)
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = sharding.make_mesh(devices)
+      state = jax.device_put(start, sharding.replicated(mesh))
+      step = jax.jit(functools.partial(train.train_step, ucam=config.ucam))
+      losses = []
+      for batch in batches:
+        state, metrics = step(state, sharding.shard_batch(batch, mesh))
+        losses.append(float(metrics['loss']))
+      assert (len(state.params['params']['classifier']['kernel'].sharding.device_set)
+              == len(devices))
+      results.append((np.array(losses), jax.device_get(state.params)))
+  (loss_1, params_1), (loss_8, params_8) = results
+  # Same maths, different reduction order across devices: round-off only.
+  np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params_8, params_1)

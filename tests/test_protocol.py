@@ -4,11 +4,13 @@ search -> pick -> test seeds -> verdict machinery with a stand-in for training."
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import scipy.stats
 
-from ucam_jax import ablation, protocol
+from ucam_jax import ablation, models, protocol, train
+from ucam_jax.datasets import synthetic
 
 
 @pytest.mark.parametrize('seed', range(5))
@@ -74,6 +76,7 @@ def test_search_picks_on_validation_then_tests_seeds_resumes_and_gives_verdicts(
   assert all(seed == 1 for _, _, seed in trained[:8]) and all(s == 0 for *_, s in trained[8:])
   assert results['picked'] == {'baseline': 'lr0.003_dropout0.2', 'A-GCA': 'lr0.003_uw0.3'}
   assert all(lr == 3e-3 for _, lr, _ in trained[8:])
+  assert [protocol.claim_number(c) for c in results['claims']] == ['1', '2', '3', '4']
   claims = {c['claim'][0]: c for c in results['claims']}
   accuracy = next(r for r in claims['3']['rows'] if r['variant'] == 'A-GCA')
   assert accuracy['n'] == 5 and accuracy['mean'] == pytest.approx(0.03) and accuracy['shown']
@@ -97,3 +100,44 @@ def test_every_variant_gets_the_same_number_of_settings():
   for name, ucam in ablation.PAPER_VARIANTS.items():
     assert len(protocol.search_grid(ucam)) == 4, name
   assert ablation.PAPER_VARIANTS['A-GCA, published recipe']['aleatoric_loss'] == 'published'
+
+
+def test_paper_bilinear_swaps_the_base_model_and_claims_a_transfer():
+  """The 'paper_bilinear' presets: each variant's model (MCB or MLB on the grid) replaces the
+  published one and its training step traces (jax.eval_shape: nothing compiles; training them
+  2 steps is ucam_jax.ablation --preset=paper_bilinear_smoke); claim 5 pairs each A-GCA with
+  its own base model's baseline."""
+  for preset in ('paper_bilinear', 'paper_bilinear_smoke'):
+    spec = ablation.PAPER_PRESETS[preset]
+    assert list(spec['variants']) == ['MCB baseline', 'MCB A-GCA', 'MLB baseline', 'MLB A-GCA']
+    make = ablation.paper_run_config(spec, None)
+    for name, ucam in spec['variants'].items():
+      (_, setting), *_ = protocol.search_grid(ucam, spec.get('learning_rates',
+                                                              protocol.LEARNING_RATES))
+      config = protocol.apply_setting(make(spec['test'], ucam, 0), setting)
+      assert config.model.name == name.split()[0].lower() and config.model.stem_features == ()
+      assert config.ucam.mode == ('none' if name.endswith('baseline') else 'mask')
+      if preset == 'paper_bilinear':
+        assert config.model.embed_dim == 32 and config.grid_shape == (8, 8, 64)
+        continue
+      model = models.get_model(config, 20, 5)
+      batch = synthetic.batch(0, 2, 3, grid_shape=config.grid_shape, num_answers=5,
+                              vocab_size=20, max_question_length=4)
+      state = jax.eval_shape(lambda b: train.create_train_state(config, model, 2, b), batch)
+      _, metrics = jax.eval_shape(lambda s, b: train.train_step(s, b, config.ucam), state, batch)
+      assert metrics['loss'].shape == ()
+
+  def record(variant, seed, accuracy):
+    return dict(variant=variant, seed=seed, test={
+        'accuracy': accuracy, 'uncertainty': {'predictive_entropy': {'auroc_wrong': 0.8}},
+        'maps': {'model_attention': {'spearman': 0.4}}})
+  records = [record('MCB baseline', s, 0.8) for s in range(5)]
+  records += [record('MCB A-GCA', s, 0.81 + 0.001 * s) for s in range(5)]
+  (claim,) = protocol.claim_rows(records, ablation.PAPER_PRESETS['paper_bilinear']['claims'])
+  rows = {(r['variant'], r['column']): r for r in claim['rows']}
+  assert protocol.claim_number(claim) == '5' and len(rows) == 6
+  assert rows['MCB A-GCA', 'accuracy']['shown'] and rows['MCB A-GCA', 'accuracy']['n'] == 5
+  assert rows['MCB A-GCA', 'accuracy']['reference'] == 'MCB baseline'
+  assert not rows['MCB A-GCA', 'AUROC wrong (pred. entropy)']['shown']  # No difference.
+  assert rows['MLB A-GCA', 'accuracy']['n'] == 0  # No MLB runs: not evaluated.
+  assert claim['verdict'] == 'partly shown (1 of 6)'

@@ -4,6 +4,7 @@
   python -m ucam_jax.ablation --preset=smoke     # every cell at toy size, 2 seeds (minutes)
   python -m ucam_jax.ablation --preset=switches  # GCA's design switches on a validation draw
   python -m ucam_jax.ablation --preset=paper --figures=docs  # the fair protocol (protocol.py)
+  python -m ucam_jax.ablation --preset=paper_bilinear --figures=docs  # MCB, MLB as base models
 
 Trains and evaluates each variant of `VARIANTS` (the baseline, the uncertainty loss alone, GCA
 with aleatoric, predictive and both uncertainties, and GCA on the image or the question branch
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 from absl import app, flags, logging
 
 from configs import grounded_shapes, grounded_shapes_grid, san
@@ -158,6 +160,32 @@ PRESETS = {
 PAPER_VARIANTS = {**VARIANTS, 'A-GCA, published recipe': _from_published(mode='mask',
                                                                          branch='both')}
 _PAPER_RUN = dict()  # configs/grounded_shapes_grid.py as it is.
+
+# Other base models in the same protocol (issue 20: does the recipe transfer?): MCB and MLB
+# (ucam_jax/models/bilinear.py) on the same 8x8x64 grid features, so no stem and small sizes. A
+# variant's 'model' with a 'name' replaces configs/grounded_shapes_grid.py's model whole
+# (`paper_run_config`). Each base model's baseline and A-GCA, protocol.TRANSFER_CLAIMS.
+_GRID_BILINEAR = dict(stem_features=(), embed_dim=32, question_dim=64, glimpses=2,
+                      dropout_rate=0.1, variance_input='hidden', variance_hidden_dim=64,
+                      dtype='float32')
+BILINEAR_MODELS = {
+    'MCB': dict(name='mcb', **_GRID_BILINEAR, sketch_dim=512, attention_dim=32),
+    'MLB': dict(name='mlb', **_GRID_BILINEAR, attention_dim=32, joint_dim=64),
+}
+BILINEAR_VARIANTS = {f'{base} {variant}': dict(VARIANTS[variant], model=model)
+                     for base, model in BILINEAR_MODELS.items()
+                     for variant in ('baseline', 'A-GCA')}
+assert set(BILINEAR_MODELS) == set(protocol.BASE_MODELS)
+
+# The paper_smoke presets' toy size; its model sizes fit every base model.
+_SMOKE_RUN = dict(
+    num_train_steps=2, batch_size=8, eval_batch_size=64, mc_samples=2, report_questions=1,
+    faithfulness_questions=4, faithfulness_steps=2,
+    dataset_kwargs=dict(num_train_images=8, num_test_images=4, image_size=32),
+    extractor=dict(num_images=8, image_size=32, grid=4, width=4, features=8, steps=2,
+                   batch_size=4),
+    grid_shape=(4, 4, 8))
+_SMOKE_MODEL = dict(embed_dim=8, question_dim=8, attention_dim=8, variance_hidden_dim=4)
 PAPER_PRESETS = {
     'paper': dict(variants=PAPER_VARIANTS, seeds=(0, 1, 2, 3, 4), search_seed=0,
                   make_config=grounded_shapes_grid.get_config,
@@ -168,15 +196,17 @@ PAPER_PRESETS = {
         variants={k: PAPER_VARIANTS[k] for k in ('baseline', 'A-GCA')}, seeds=(0, 1),
         search_seed=0, learning_rates=(1e-3,), make_config=grounded_shapes_grid.get_config,
         validation=dict(dataset_kwargs=dict(seed=1)), test=dict(dataset_kwargs=dict(seed=0)),
-        smoke=dict(
-            num_train_steps=2, batch_size=8, eval_batch_size=64, mc_samples=2,
-            report_questions=1, faithfulness_questions=4, faithfulness_steps=2,
-            dataset_kwargs=dict(num_train_images=8, num_test_images=4, image_size=32),
-            extractor=dict(num_images=8, image_size=32, grid=4, width=4, features=8, steps=2,
-                           batch_size=4),
-            grid_shape=(4, 4, 8),
-            model=dict(embed_dim=8, question_dim=8, attention_dim=8, classifier_dim=8,
-                       variance_hidden_dim=4))),
+        smoke=dict(_SMOKE_RUN, model=dict(_SMOKE_MODEL, classifier_dim=8))),
+    'paper_bilinear': dict(variants=BILINEAR_VARIANTS, claims=protocol.TRANSFER_CLAIMS,
+                           seeds=(0, 1, 2, 3, 4), search_seed=0,
+                           make_config=grounded_shapes_grid.get_config,
+                           validation=dict(_PAPER_RUN, dataset_kwargs=dict(seed=1)),
+                           test=dict(_PAPER_RUN, dataset_kwargs=dict(seed=0))),
+    'paper_bilinear_smoke': dict(
+        variants=BILINEAR_VARIANTS, claims=protocol.TRANSFER_CLAIMS, seeds=(0, 1),
+        search_seed=0, learning_rates=(1e-3,), make_config=grounded_shapes_grid.get_config,
+        validation=dict(dataset_kwargs=dict(seed=1)), test=dict(dataset_kwargs=dict(seed=0)),
+        smoke=dict(_SMOKE_RUN, model=_SMOKE_MODEL)),
 }
 PRESETS.update({name: dict(seeds=spec['seeds'], variants=spec['variants'], datasets={})
                 for name, spec in PAPER_PRESETS.items()})
@@ -184,17 +214,22 @@ PRESETS.update({name: dict(seeds=spec['seeds'], variants=spec['variants'], datas
 
 def paper_run_config(spec: dict, data_dir):
   """make_run_config(draw overrides, ucam, seed) of a PAPER_PRESETS entry, for
-  `protocol.run_protocol`."""
+  `protocol.run_protocol`. ucam's 'model' updates config.model after the draw's overrides; one
+  with a 'name' (another base model) replaces it before them, so a smoke preset shrinks it."""
   def make(draw: dict, ucam: dict, seed: int):
     config = spec['make_config']()
+    ucam = dict(ucam)
+    model = ucam.pop('model', {})
+    if 'name' in model:
+      config.model = ml_collections.ConfigDict(model)
+      model = {}
     for overrides in (spec.get('smoke', {}), draw):
       for key, value in overrides.items():
         if isinstance(value, dict):
           config[key].update(value)
         else:
           config[key] = value
-    ucam = dict(ucam)
-    config.model.update(ucam.pop('model', {}))
+    config.model.update(model)
     config.ucam.update(ucam)
     config.seed = seed
     config.data_dir = data_dir
@@ -407,8 +442,8 @@ def paper_main(FLAGS, out: str, start: float) -> None:
           'median)\n\n' if runs else '') + protocol.report(results)
   if FLAGS.figures:
     paths = protocol.plot_claims(results['claims'], FLAGS.figures)
-    text += '\n' + '\n'.join(f'![claim {k}]({os.path.basename(p)})'
-                             for k, p in enumerate(paths, 1)) + '\n'
+    text += '\n' + '\n'.join(f'![claim {protocol.claim_number(c)}]({os.path.basename(p)})'
+                             for c, p in zip(results['claims'], paths)) + '\n'
   with open(FLAGS.results or os.path.join(out, 'results.md'), 'w') as f:
     f.write(text)
   print(text)

@@ -1,4 +1,5 @@
-"""Speed of the published base model at official scale, against this machine's matmul roof.
+"""Speed of the published base model, and of MCB and MLB, at official scale, against this
+machine's matmul roof.
 
   python -m ucam_jax.bench                        # configs/base_vqa.py, official shapes
   python -m ucam_jax.bench --quick                # small shapes: a smoke test in seconds
@@ -24,12 +25,21 @@ the table and a plot to --out. Cases, on synthetic grid features (`ucam_jax.data
                        jitted call of the whole model; mc_scope 'full'), a Python loop, then the
                        statistics
   (sweep)              predictive, mc_scope 'answer', over T x batch
+  mcb_*, mlb_*         (the 'bilinear' group) the two bilinear base models,
+                       `ucam_jax.models.bilinear`, with configs/mcb.py:vqa_v1's and
+                       configs/mlb.py:vqa_v1's sizes (MCB: sketch 16,000, attention 512; MLB:
+                       attention and joint 1200) on the same data: train_loss_only_b<n> and
+                       ucam_maps_b<n> as above, and for MCB the attention's compact bilinear
+                       pooling alone (every cell with its question, forward):
+    mcb_pooling_b<n>   both count sketches, then rfft, product, irfft
+    mcb_fft_b<n>       the FFT part alone (`bilinear.circular_convolution`) on the same sketches
 
---cases picks case groups (train, predictive, ucam_maps, naive, sweep). --huge_pages=compare
-runs each group but the sweep in two child processes, with and without glibc's huge pages
-(`ucam_jax.hugepages`; this command's default is off), in alternating order, and records the
-kernel's THP and page-fault counters around each; --markdown writes the figures into a file
-between its bench markers (docs/performance.md).
+--cases picks case groups (train, predictive, ucam_maps, naive, sweep, bilinear).
+--huge_pages=compare runs each group but the sweep in two child processes, with and without
+glibc's huge pages (`ucam_jax.hugepages`; this command's default is off), in alternating order,
+and records the kernel's THP and page-fault counters around each; --markdown writes the figures
+into a file between its bench markers (docs/performance.md): the bilinear group's into a block
+of its own, so a run rewrites only the blocks of the groups it ran.
 
 Timing: each case is compiled, run once (warm-up), then run `reps` times. A shared machine's
 load changes from second to second, so every run is bracketed by two windows of back-to-back
@@ -45,7 +55,8 @@ with fraction_of_roof and matmul_fraction_of_roof (medians over the runs). XLA c
 body once, so FLOPs come from loop-free programs: the model unrolls its LSTM, and a case that
 runs its MC samples in chunks (`lax.map`) takes the FLOPs of the same samples in one vmap (the
 chunked random draws of `ucam_jax.threefry` count one chunk: integer ops, never matmuls).
-vmap_speedup compares predictive and naive at equal load: their times times their roofs.
+vmap_speedup compares predictive and naive at equal load: their times times their roofs;
+mcb_fft_share likewise the FFTs' time over the whole compact bilinear pooling's.
 """
 
 import functools
@@ -67,9 +78,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import san
+from configs import mcb, mlb, san
 from ucam_jax import explain, gca, hugepages, models, train, uncertainty
 from ucam_jax.datasets import synthetic
+from ucam_jax.models import bilinear
 
 FLAGS = flags.FLAGS
 
@@ -97,6 +109,23 @@ def quick_config(config):
   config.grid_shape = (4, 4, 64)
   config.vocab_size = 100
   return config
+
+
+# The bilinear base models at official sizes: configs/<name>.py:vqa_v1's model ('quick': these).
+BILINEAR_CONFIGS = {'mcb': mcb, 'mlb': mlb}
+QUICK_BILINEAR = {'mcb': dict(embed_dim=16, question_dim=32, attention_dim=16, sketch_dim=64),
+                  'mlb': dict(embed_dim=16, question_dim=32, attention_dim=16, joint_dim=32)}
+
+
+def bilinear_config(config, name: str, quick: bool):
+  """The bench's config (its data sizes, config.ucam, dtype) with configs/<name>.py:vqa_v1's
+  model."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.model = BILINEAR_CONFIGS[name].get_config('vqa_v1').model
+  out.model.dtype = config.model.dtype
+  if quick:
+    out.model.update(QUICK_BILINEAR[name])
+  return out
 
 
 _START = time.perf_counter()
@@ -345,6 +374,30 @@ def naive_case(config, model, params, n, num_samples, roof, reps):
   return measure(fn, (params, batch, key), n, flops, roof, reps, batch=n, samples=num_samples)
 
 
+def mcb_pooling_cases(config, model, params, n, roof, reps) -> dict:
+  """{'pooling': result, 'fft': result}: MCB's attention pooling alone, forward, of the cells
+  [n, h * w, d] with their questions [n, 1, question_dim] -> [n, h * w, sketch_dim] under the
+  model's tables (`bilinear.CompactBilinear`: two count sketches, then rfft, product, irfft),
+  and its FFT part alone on the same sketches."""
+  h, w, d = config.grid_shape
+  key_v, key_q = jax.random.split(jax.random.key(3))
+  v = jax.random.normal(key_v, (n, h * w, d), config.model.dtype)
+  q = jax.random.normal(key_q, (n, 1, model.question_dim), config.model.dtype)
+  layer = bilinear.CompactBilinear(model.sketch_dim)
+  tables = {'params': params['params']['attention_pooling']}
+  pooling = jax.jit(layer.apply)
+  sketches = jax.jit(lambda t, v, q: layer.apply(
+      t, v, q, method=lambda m, x, y: (m.sketch_x(x), m.sketch_y(y))))
+  parts = (('pooling', pooling, (tables, v, q)),
+           ('fft', jax.jit(bilinear.circular_convolution), sketches(tables, v, q)))
+  out = {}
+  for part, fn, args in parts:
+    compiled, flops = compile_with_flops(fn, *args)
+    out[part] = measure(compiled, args, n, flops, roof, reps, batch=n, cells=h * w,
+                        sketch_dim=model.sketch_dim)
+  return out
+
+
 def predictive_memory(config, model, params, n, num_samples, budget) -> dict:
   """The memory of one predictive call, compiled and not run (see `peak_bytes`)."""
   _, chunk, as_run, one_vmap = predictive_programs(config, model, params, n, num_samples,
@@ -405,7 +458,7 @@ def plot_scaling(rows, path: str) -> None:
   plt.close(fig)
 
 
-GROUPS = ('train', 'predictive', 'ucam_maps', 'naive', 'sweep')  # --cases: any of them.
+GROUPS = ('train', 'predictive', 'ucam_maps', 'naive', 'sweep', 'bilinear')  # --cases: any.
 
 
 def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int,
@@ -435,8 +488,8 @@ def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int,
         low.sample() for _ in range(max(reps, 5)))
   cases = report['cases']
 
-  def record(name, result):
-    cases[name] = result
+  def record(name, result, group):
+    cases[name] = dict(result, group=group)
     log(f"{name}: {result['examples_per_s']:.2f} examples/s, {result['gflop_per_s']:.1f} GFLOP/s"
         f" = {result['fraction_of_roof']:.0%} of {result['roof_gflop_per_s']:.1f} (matmuls alone "
         f"{result['matmul_fraction_of_roof']:.0%}), kernel {result['sys_s']:.3f} s a call")
@@ -445,19 +498,32 @@ def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int,
     for n in sizes['train_batches']:
       for mode, result in train_cases(config, model, n, ('mask', 'loss_only'), roof,
                                       reps).items():
-        record(f'train_{mode}_b{n}', result)
+        record(f'train_{mode}_b{n}', result, 'train')
   n, t = sizes['batch'], sizes['samples']
   params = init_params(model, make_batch(config, 1))
   predictive = {}  # (samples, batch) -> result of the 'answer' scope: the sweep reuses it.
   if 'predictive' in groups:
     predictive[t, n] = predictive_case(config, model, params, n, t, roof, reps, budget_bytes)
-    record(f'predictive_T{t}_b{n}', predictive[t, n])
+    record(f'predictive_T{t}_b{n}', predictive[t, n], 'predictive')
     record(f'predictive_full_T{t}_b{n}', predictive_case(
-        config, model, params, n, t, roof, reps, budget_bytes, scope='full'))
+        config, model, params, n, t, roof, reps, budget_bytes, scope='full'), 'predictive')
   if 'ucam_maps' in groups:
-    record(f'ucam_maps_b{n}', ucam_case(config, model, params, n, roof, reps))
+    record(f'ucam_maps_b{n}', ucam_case(config, model, params, n, roof, reps), 'ucam_maps')
   if 'naive' in groups:
-    record(f'naive_T{t}_b{n}', naive_case(config, model, params, n, t, roof, reps))
+    record(f'naive_T{t}_b{n}', naive_case(config, model, params, n, t, roof, reps), 'naive')
+  if 'bilinear' in groups:
+    for name in BILINEAR_CONFIGS:
+      other = bilinear_config(config, name, quick)
+      other_model = models.get_model(other, other.vocab_size, other.num_answers)
+      record(f'{name}_train_loss_only_b{n}', train_cases(
+          other, other_model, n, ('loss_only',), roof, reps)['loss_only'], 'bilinear')
+      other_params = init_params(other_model, make_batch(other, 1))
+      record(f'{name}_ucam_maps_b{n}', ucam_case(other, other_model, other_params, n, roof,
+                                                 reps), 'bilinear')
+      if name == 'mcb':
+        for part, result in mcb_pooling_cases(other, other_model, other_params, n, roof,
+                                              reps).items():
+          record(f'mcb_{part}_b{n}', result, 'bilinear')
   report.update(speedups(cases, t, n))
 
   if 'sweep' in groups:
@@ -495,7 +561,8 @@ def run(config, quick: bool, reps: int, sweep_reps: int, budget_bytes: int,
 def speedups(cases, t, n) -> dict:
   """vmap_speedup: the naive loop against one vmap of the same computation (mc_scope 'full'),
   at equal load (times x roofs, as the two ran minutes apart); full_scope_cost: the 'full'
-  scope's time over the 'answer' scope's, likewise. Only what `cases` has."""
+  scope's time over the 'answer' scope's, likewise; mcb_fft_share: MCB's FFTs' time over its
+  whole compact bilinear pooling's, likewise. Only what `cases` has."""
   def scaled(name):
     return cases[name]['seconds'] * cases[name]['roof_gflop_per_s']
   answer, full, naive = (f'predictive_T{t}_b{n}', f'predictive_full_T{t}_b{n}',
@@ -506,16 +573,22 @@ def speedups(cases, t, n) -> dict:
     out['vmap_speedup_raw'] = cases[full]['examples_per_s'] / cases[naive]['examples_per_s']
   if answer in cases and full in cases:
     out['full_scope_cost'] = scaled(full) / scaled(answer)
+  if f'mcb_fft_b{n}' in cases and f'mcb_pooling_b{n}' in cases:
+    out['mcb_fft_share'] = scaled(f'mcb_fft_b{n}') / scaled(f'mcb_pooling_b{n}')
   return out
+
+
+DERIVED = ('vmap_speedup', 'vmap_speedup_raw', 'full_scope_cost', 'mcb_fft_share')
 
 
 def targets(cases) -> dict:
   """The issue's target: training, predictive uncertainty and U-CAM maps at >= TARGET of the
-  roof (by XLA's count and by the matmuls alone)."""
+  roof (by XLA's count and by the matmuls alone); not the naive loop or MCB's pooling parts."""
   return {name: {'fraction_of_roof': c['fraction_of_roof'],
                  'matmul_fraction_of_roof': c['matmul_fraction_of_roof'],
                  'met': min(c['fraction_of_roof'], c['matmul_fraction_of_roof']) >= TARGET}
-          for name, c in cases.items() if not name.startswith('naive')}
+          for name, c in cases.items()
+          if not re.match(r'naive|mcb_pooling|mcb_fft', name)}
 
 
 # --------------------------------------------------------------------------- huge pages
@@ -599,6 +672,16 @@ def compare_huge_pages(groups) -> dict:
 
 MARK_BEGIN = '<!-- bench:begin (generated by python -m ucam_jax.bench --markdown; edit the code) -->'
 MARK_END = '<!-- bench:end -->'
+# The generated blocks of a --markdown file, by name ('': the one above), and their case groups.
+BLOCKS = {'': ('train', 'predictive', 'ucam_maps', 'naive', 'sweep'), 'bilinear': ('bilinear',)}
+
+
+def markers(block: str) -> tuple[str, str]:
+  """(begin, end) markers of the generated block `block` (BLOCKS)."""
+  if not block:
+    return MARK_BEGIN, MARK_END
+  return (MARK_BEGIN.replace('bench:begin', f'bench:begin {block}'),
+          MARK_END.replace('bench:end', f'bench:end {block}'))
 
 CASE_TITLES = [
     (r'train_mask_b(\d+)', 'training step, GCA mask, batch {}'),
@@ -607,13 +690,17 @@ CASE_TITLES = [
     (r'predictive_full_T(\d+)_b(\d+)', 'predictive, T = {} MC samples, mc_scope full, batch {}'),
     (r'ucam_maps_b(\d+)', 'U-CAM maps over the grid, batch {}'),
     (r'naive_T(\d+)_b(\d+)', 'naive: the published way, {} full passes in a loop, batch {}'),
+    (r'(mcb|mlb)_train_loss_only_b(\d+)', '{}: training step, loss only, batch {}'),
+    (r'(mcb|mlb)_ucam_maps_b(\d+)', '{}: U-CAM maps over the grid, batch {}'),
+    (r'mcb_pooling_b(\d+)', 'MCB: attention pooling alone (count sketches + FFTs), batch {}'),
+    (r'mcb_fft_b(\d+)', 'MCB: its FFTs alone (rfft, product, irfft), batch {}'),
 ]
 
 
 def case_title(name: str) -> str:
   for pattern, title in CASE_TITLES:
     if m := re.fullmatch(pattern, name):
-      return title.format(*m.groups())
+      return title.format(*(g.upper() if g in BILINEAR_CONFIGS else g for g in m.groups()))
   return name
 
 
@@ -666,8 +753,9 @@ def markdown(report: dict, command: str) -> str:
            f"defrag {m.get('thp', {}).get('defrag', '?')}. Roof: fp32 "
            f"{report['roof']['matmul'][0]}x{report['roof']['matmul'][1]} matmul, median "
            f"{report['roof']['gflop_per_s']:.1f} GFLOP/s. Float {report['settings']['dtype']}, "
-           f"{report['settings']['reps']} timed runs a case (medians), "
-           f"{report['settings']['sweep_reps']} a sweep cell.", '']
+           f"{report['settings']['reps']} timed runs a case (medians)"
+           + (f", {report['settings']['sweep_reps']} a sweep cell." if 'scaling' in report
+              else '.'), '']
   if 'huge_pages' in report:
     lines += ['### Every case, with and without huge pages', '',
               'Each case group ran in two processes, one with `glibc.malloc.hugetlb=1` (on) and '
@@ -692,7 +780,9 @@ def markdown(report: dict, command: str) -> str:
     lines += ['### Every case', '', cases_table({'as run': report['cases']}), '']
   for key, text in (('vmap_speedup', 'one vmap over the MC keys against the naive loop, the '
                      'same computation (mc_scope full), at equal load'),
-                    ('full_scope_cost', "mc_scope 'full' against 'answer', time at equal load")):
+                    ('full_scope_cost', "mc_scope 'full' against 'answer', time at equal load"),
+                    ('mcb_fft_share', "MCB: its FFTs' time over the whole attention "
+                     "pooling's, at equal load")):
     if key in report:
       lines.append(f'- {text}: **{report[key]:.2f}x**')
   if 'scaling' in report:
@@ -707,13 +797,31 @@ def markdown(report: dict, command: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_markdown(path: str, text: str) -> None:
-  """Replaces what lies between MARK_BEGIN and MARK_END in `path` with `text` (appends the
-  block when the file has none), so the prose around it stays."""
+def block_report(report: dict, groups, t: int, n: int) -> dict:
+  """The part of `report` that a markdown block of these case groups shows."""
+  def pick(cases):
+    return {name: c for name, c in cases.items() if c.get('group') in groups}
+  out = {k: v for k, v in report.items() if k not in DERIVED and k not in (
+      'cases', 'cases_huge_pages', 'huge_pages', 'scaling', 'memory')}
+  out['cases'] = pick(report['cases'])
+  if 'huge_pages' in report:
+    out['huge_pages'] = {g: pair for g, pair in report['huge_pages'].items() if g in groups}
+    out['cases_huge_pages'] = {label: pick(c) for label, c in report['cases_huge_pages'].items()}
+  if 'sweep' in groups:
+    out.update({k: report[k] for k in ('scaling', 'memory') if k in report})
+  out.update(speedups(out['cases'], t, n))
+  return out
+
+
+def write_markdown(path: str, text: str, block: str = '') -> None:
+  """Replaces what lies between the markers of `block` (BLOCKS; '' MARK_BEGIN and MARK_END) in
+  `path` with `text` (appends the block when the file has none), so the prose around it and the
+  other blocks stay."""
+  begin, end = markers(block)
   old = open(path).read() if os.path.exists(path) else ''
-  block = f'{MARK_BEGIN}\n{text}{MARK_END}'
-  if MARK_BEGIN in old and MARK_END in old:
-    new = old[:old.index(MARK_BEGIN)] + block + old[old.index(MARK_END) + len(MARK_END):]
+  block = f'{begin}\n{text}{end}'
+  if begin in old and end in old:
+    new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
   else:
     new = old + ('\n' if old else '') + block + '\n'
   with open(path, 'w') as f:
@@ -741,6 +849,7 @@ def main(argv):
     groups = tuple(g for g in groups if g == 'sweep')
   report = run(config, FLAGS.quick, FLAGS.reps, FLAGS.sweep_reps,
                FLAGS.memory_budget_mb * 2 ** 20, groups)
+  t, n = (SIZES['quick' if FLAGS.quick else 'full'][k] for k in ('samples', 'batch'))
   report['machine']['thp'] = thp_settings()
   if pairs:
     report['huge_pages'] = pairs
@@ -750,8 +859,6 @@ def main(argv):
     default = 'on' if hugepages.active() else 'off'
     report['cases'] = report['cases_huge_pages'][default]  # This command's own setting.
     report['settings']['cases'] = list(GROUPS if FLAGS.cases == 'all' else FLAGS.cases.split(','))
-    t, n = SIZES['quick' if FLAGS.quick else 'full']['samples'], SIZES[
-        'quick' if FLAGS.quick else 'full']['batch']
     report.update(speedups(report['cases'], t, n))
     report['target'] = targets(report['cases'])
   if 'scaling' in report:
@@ -765,7 +872,11 @@ def main(argv):
   if FLAGS.markdown:
     command = 'python -m ucam_jax.bench ' + ' '.join(
         a for a in sys.argv[1:] if not a.startswith('--out'))
-    write_markdown(FLAGS.markdown, markdown(report, command.strip()))
+    ran = report['settings']['cases']
+    for block, block_groups in BLOCKS.items():
+      if set(block_groups) & set(ran):
+        write_markdown(FLAGS.markdown, markdown(block_report(report, block_groups, t, n),
+                                                command.strip()), block)
   print(json.dumps(report, indent=2))
 
 

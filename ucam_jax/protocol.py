@@ -23,6 +23,12 @@ read, not rerun):
 
 `--figures=DIR` writes one figure per claim, DIR/ablation_claim<k>.png: each comparison's
 per-seed differences, their mean and 95% interval.
+
+  python -m ucam_jax.ablation --preset=paper_bilinear [--figures=docs]
+
+runs the same three steps with MCB and MLB as the base model (baseline and A-GCA each, the
+'model' of each variant replacing the published one) and reports claim 5 (`TRANSFER_CLAIMS`):
+A-GCA minus the same base model's baseline.
 """
 
 import itertools
@@ -76,6 +82,19 @@ CLAIMS = (
                'accuracy)',
          comparisons=[('A-GCA', 'A-GCA, image only', 'accuracy', +1),
                       ('A-GCA', 'A-GCA, question only', 'accuracy', +1)]),
+)
+
+
+# Whether the recipe transfers (issue 20; the 'paper_bilinear' preset of ucam_jax/ablation.py):
+# per other base model, A-GCA against that model's own baseline.
+BASE_MODELS = ('MCB', 'MLB')
+TRANSFER_CLAIMS = (
+    dict(claim='5. The recipe transfers to other base models (A-GCA vs the same base model\'s '
+               'baseline, MCB and MLB: accuracy, Spearman of the attention used with the masks, '
+               'AUROC of the predictive entropy for wrong answers, all higher)',
+         comparisons=[(f'{m} A-GCA', f'{m} baseline', column, +1) for m in BASE_MODELS
+                      for column in ('accuracy', 'Spearman, attention used',
+                                     'AUROC wrong (pred. entropy)')]),
 )
 
 
@@ -156,12 +175,12 @@ def verdict(rows: list[dict]) -> str:
   return f'partly shown ({shown} of {len(rows)})' if shown else 'not shown'
 
 
-def claim_rows(records: list[dict]) -> list[dict]:
-  """Per claim: its comparisons' statistics from the test step's records (dicts with variant,
-  seed, test)."""
+def claim_rows(records: list[dict], claims=CLAIMS) -> list[dict]:
+  """Per claim of `claims` (a preset's: CLAIMS, TRANSFER_CLAIMS): its comparisons' statistics
+  from the test step's records (dicts with variant, seed, test)."""
   runs = {(r['variant'], r['seed']): r['test'] for r in records if 'test' in r}
   out = []
-  for claim in CLAIMS:
+  for claim in claims:
     rows = []
     for variant, reference, column, direction in claim['comparisons']:
       diffs = []
@@ -195,21 +214,27 @@ def claims_table(claims: list[dict]) -> str:
                   if row['n'] else 'n/a')
       p = f"{row['p']:.4f}" if row['n'] else 'n/a'
       mark = 'n/a' if not row['n'] else 'shown' if row['shown'] else 'not shown'
-      lines.append(f"| {claim['claim'].split('.')[0] if i else claim['claim']} | "
+      lines.append(f"| {claim_number(claim) if i else claim['claim']} | "
                    f"{row['variant']} - {row['reference']} | {row['column']} ({side}) | "
                    f"{row['n']} | {interval} | {p} | {mark} |")
-    lines.append(f"| **{claim['claim'].split('.')[0]}: {claim['verdict']}** | | | | | | |")
+    lines.append(f"| **{claim_number(claim)}: {claim['verdict']}** | | | | | | |")
   return '\n'.join(lines)
 
 
+def claim_number(claim: dict) -> str:
+  """'5' of '5. The recipe transfers ...'."""
+  return claim['claim'].split('.')[0]
+
+
 def plot_claims(claims: list[dict], directory: str) -> list[str]:
-  """One figure per claim, <directory>/ablation_claim<k>.png; returns their paths."""
+  """One figure per claim, <directory>/ablation_claim<k>.png (k its number, so the presets'
+  figures share a directory); returns their paths."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   os.makedirs(directory, exist_ok=True)
   paths = []
-  for k, claim in enumerate(claims, 1):
+  for claim in claims:
     rows = claim['rows']
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.6))
     for y, row in enumerate(rows):
@@ -227,9 +252,9 @@ def plot_claims(claims: list[dict], directory: str) -> list[str]:
                        fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel('per-seed paired difference (dots), mean (diamond), 95% t-interval (bar)')
-    ax.set_title(f"Claim {claim['claim'].split('.')[0]}: {claim['verdict']}", fontsize=9)
+    ax.set_title(f"Claim {claim_number(claim)}: {claim['verdict']}", fontsize=9)
     fig.tight_layout()
-    path = os.path.join(directory, f'ablation_claim{k}.png')
+    path = os.path.join(directory, f'ablation_claim{claim_number(claim)}.png')
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)
@@ -271,7 +296,8 @@ def _folder(name: str) -> str:
 def run_protocol(spec: dict, out: str, make_run_config, log=print, variants=None,
                  seeds=None, train_missing: bool = True) -> dict:
   """Search, pick, test (see the module docstring). `spec`: the preset ('variants', 'seeds',
-  'search_seed', 'validation' and 'test': the overrides of the two draws, 'learning_rates').
+  'search_seed', 'validation' and 'test': the overrides of the two draws, 'learning_rates',
+  'claims': default CLAIMS).
   `make_run_config(draw_overrides, ucam, seed)` -> the run's ConfigDict. Returns {'search':
   records, 'picked': {variant: setting name}, 'test': records, 'claims': `claim_rows`}.
   train_missing=False: only the runs already done (a variant picks once its search is done)."""
@@ -309,7 +335,8 @@ def run_protocol(spec: dict, out: str, make_run_config, log=print, variants=None
         continue
       record.update(variant=variant, seed=seed, setting=picked[variant])
       test.append(record)
-  return dict(search=search, picked=picked, test=test, claims=claim_rows(test))
+  return dict(search=search, picked=picked, test=test,
+              claims=claim_rows(test, spec.get('claims', CLAIMS)))
 
 
 def search_table(search: list[dict], picked: dict) -> str:
