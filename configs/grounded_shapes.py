@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   # image: 16,000 train / 4,000 test questions.
   config.dataset_kwargs = ml_collections.ConfigDict(dict(
       seed=0, num_train_images=2000, num_test_images=500, image_size=64, min_objects=2,
-      max_objects=4, questions_per_image=8))
+      max_objects=4, questions_per_image=8,
+      # The question families, a bit mask: 1 attribute, 2 existence, 4 counting, 8 spatial.
+      families=15))
   config.max_question_length = 10  # "what colour is the object left of the red square" is 10.
   config.num_epochs = 10.0
   return config

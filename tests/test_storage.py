@@ -132,7 +132,7 @@ def test_train_resume_and_report_in_a_gs_workdir(fake_gcs, small_data_dir, tmp_p
   stopping.stop_at_step = 2
   assert train.train_and_evaluate(stopping, WORKDIR)['step'] == 2
   assert sorted(name for name in files(fake_gcs) if not name.startswith('events.')) == [
-      'config.json', 'metrics.jsonl', 'vocabulary.json']
+      'config.json', 'data.json', 'metrics.jsonl', 'vocabulary.json']
 
   results = train.train_and_evaluate(config, WORKDIR)  # Reads config.json, the vocabulary...
   written = files(fake_gcs)

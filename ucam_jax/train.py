@@ -81,6 +81,15 @@ RANGES = {
     'model.variance_hidden_dim': (0, INF, '[)'), 'monitor_every_steps': (0, INF, '[)'),
     'model.sketch_dim': (1, INF, '[)'), 'model.joint_dim': (1, INF, '[)'),
     'model.image_dim': (1, INF, '[)'),
+    # The frozen synthetic extractor (pretrain_features.default_extractor; its own checks add
+    # image_size = 8 x grid).
+    'extractor.seed': (0, INF, '[)'), 'extractor.train_seed': (0, INF, '[)'),
+    'extractor.num_images': (1, INF, '[)'), 'extractor.image_size': (8, INF, '[)'),
+    'extractor.min_objects': (1, INF, '[)'), 'extractor.max_objects': (1, INF, '[)'),
+    'extractor.grid': (1, INF, '[)'), 'extractor.width': (1, INF, '[)'),
+    'extractor.features': (1, INF, '[)'), 'extractor.steps': (1, INF, '[)'),
+    'extractor.batch_size': (1, INF, '[)'), 'extractor.learning_rate': (0, INF, '()'),
+    'extractor.object_weight': (0, INF, '[)'),
 }
 
 
