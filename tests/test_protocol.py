@@ -68,6 +68,7 @@ def test_search_picks_on_validation_then_tests_seeds_resumes_and_gives_verdicts(
     return results
   monkeypatch.setattr(protocol.train, 'train_and_evaluate', fake_train)
   spec = dict(ablation.PAPER_PRESETS['paper'], seeds=(0, 1, 2, 3, 4),
+              learning_rates=(1e-3, 3e-3),  # --learning_rates=1e-3,3e-3: 4 settings a variant.
               variants={k: ablation.PAPER_VARIANTS[k] for k in ('baseline', 'A-GCA')})
   make = ablation.paper_run_config(spec, str(tmp_path / 'data'))
   results = protocol.run_protocol(spec, str(tmp_path), make, log=lambda _: None)
