@@ -43,8 +43,8 @@ from ucam_jax import train
 
 # The settings each variant searches: the learning rates x two of its own knobs. One rate, 3e-3,
 # configs/grounded_shapes_grid.py's (chosen for the baseline on the validation draw), so 2 runs a
-# variant; --learning_rates=1e-3,3e-3 doubles the search (and its time: the table's 2-setting
-# protocol took about an hour and a half of run time on 2 cores).
+# variant; --learning_rates=1e-3,3e-3 doubles the search. The protocol at one rate is 49 runs,
+# about 75 minutes on 2 quiet cores (docs/results.md).
 LEARNING_RATES = (3e-3,)
 UNCERTAINTY_WEIGHTS = (0.3, 1.0)
 BASELINE_DROPOUTS = (0.1, 0.2)  # The baseline has no uncertainty weight: its dropout instead.
