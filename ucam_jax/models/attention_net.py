@@ -26,13 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from ucam_jax.models import variance
+from ucam_jax.models.common import at_least_float32, l2_normalise_cells, renormalise
 from ucam_jax.models.dropout import Dropout
 
 xavier = nn.initializers.xavier_uniform()
-
-
-def _at_least_float32(x):
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _gate_xavier(gates: int):
@@ -124,7 +121,7 @@ class LSTM(nn.Module):
                         name='input')(x.swapaxes(0, 1))  # Time-major: [length, n, 4 features].
     w_hh = self.param('recurrent', _gate_xavier(4), (self.features, 4 * self.features))
     live = (jnp.arange(length)[:, None] < lengths[None, :])[..., None]
-    c, hs = lstm_recurrence(_at_least_float32(gates_in), w_hh.astype(self.dtype), live)
+    c, hs = lstm_recurrence(at_least_float32(gates_in), w_hh.astype(self.dtype), live)
     return c, hs.swapaxes(0, 1)
 
 
@@ -168,8 +165,7 @@ class AttentionNet(nn.Module):
     """features: [n, h, w, d] grid features (any float dtype) -> v [n, h, w, d] float32, each
     cell divided by its L2 norm + 1e-8 (as the reference; stored grids are normalised already,
     and normalising twice changes them only by float round-off)."""
-    v = _at_least_float32(features)
-    return v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + 1e-8)
+    return l2_normalise_cells(features)
 
   def embed_question(self, tokens):
     """tokens: [n, length] int -> word embeddings e [n, length, embed_dim]."""
@@ -204,14 +200,12 @@ class AttentionNet(nn.Module):
     # Cast before dropout: under bfloat16 the masked copy of v (the largest tensor) is half size.
     x = nn.relu(self.image_proj(drop(v.astype(self.dtype)))
                 + self.question_proj(drop(q))[:, None])  # [n, cells, attention_dim]
-    scores = _at_least_float32(self.glimpse_proj(drop(x)))  # [n, cells, glimpses]
+    scores = at_least_float32(self.glimpse_proj(drop(x)))  # [n, cells, glimpses]
     attention = jax.nn.softmax(scores, axis=1).transpose(0, 2, 1)  # [n, glimpses, cells]
-    if certainty is not None:
-      masked = attention * certainty.reshape(n, 1, h * w)
-      total = masked.sum(-1, keepdims=True)
-      attention = jnp.where(total > 0, masked / jnp.where(total > 0, total, 1), attention)
-    pooled = jnp.einsum('ngc,ncd->ngd', attention, _at_least_float32(v)).reshape(n, -1)
-    combined = jnp.concatenate([pooled, _at_least_float32(q)], axis=-1)
+    attention = renormalise(attention, None if certainty is None
+                            else certainty.reshape(n, 1, h * w))
+    pooled = jnp.einsum('ngc,ncd->ngd', attention, at_least_float32(v)).reshape(n, -1)
+    combined = jnp.concatenate([pooled, at_least_float32(q)], axis=-1)
     hidden = nn.relu(self.hidden(drop(combined)))
     logits = self.classifier(drop(hidden))
     sigma2 = variance.sigma2(self.variance, logits, hidden, self.variance_input, detach_variance,

@@ -33,16 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from ucam_jax.models import stem, variance
+from ucam_jax.models.common import at_least_float32, l2_normalise_cells, renormalise
 from ucam_jax.models.attention_net import LSTM
 from ucam_jax.models.dropout import Dropout
 
 xavier = nn.initializers.xavier_uniform()
 
 SIGNED_SQRT_EPS = 1e-6  # x / sqrt(|x| + eps): sign(x) sqrt(|x|) with a finite gradient at 0.
-
-
-def _at_least_float32(x):
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def count_sketch(x, index, sign, dim: int):
@@ -54,7 +51,7 @@ def count_sketch(x, index, sign, dim: int):
 def circular_convolution(a, b):
   """a [..., dim], b (broadcastable) -> [..., dim]: c_k = sum_{i + j = k mod dim} a_i b_j, by
   real FFTs (float32 or wider)."""
-  a, b = _at_least_float32(a), _at_least_float32(b)
+  a, b = at_least_float32(a), at_least_float32(b)
   dim = a.shape[-1]
   return jnp.fft.irfft(jnp.fft.rfft(a) * jnp.fft.rfft(b), n=dim)
 
@@ -63,16 +60,6 @@ def signed_sqrt_l2(z):
   """z [..., k] -> sign(z) sqrt(|z|) (smoothed at 0, SIGNED_SQRT_EPS), then L2-normalised."""
   z = z * jax.lax.rsqrt(jnp.abs(z) + SIGNED_SQRT_EPS)
   return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-12)
-
-
-def mask_attention(attention, certainty):
-  """attention [n, glimpses, cells], certainty None or [n, cells] >= 0 -> each glimpse
-  normalise(attention * certainty); where that product is all zero the attention is kept."""
-  if certainty is None:
-    return attention
-  masked = attention * certainty[:, None]
-  total = masked.sum(-1, keepdims=True)
-  return jnp.where(total > 0, masked / jnp.where(total > 0, total, 1), attention)
 
 
 class CountSketch(nn.Module):
@@ -92,7 +79,7 @@ class CountSketch(nn.Module):
     sign = self.param('sketch_sign', lambda key, shape: jax.random.rademacher(
         key, shape, jnp.float32), (d,))
     index = jax.lax.stop_gradient(index).astype(jnp.int32)
-    return count_sketch(_at_least_float32(x), index, jax.lax.stop_gradient(sign), self.dim)
+    return count_sketch(at_least_float32(x), index, jax.lax.stop_gradient(sign), self.dim)
 
 
 class CompactBilinear(nn.Module):
@@ -155,8 +142,7 @@ class GlimpseVQA(nn.Module):
     [n, H/2^k, W/2^k, image_dim] (`stem.grid`)."""
     if self.stem_features:
       return stem.grid(self.stem, self.image_proj, images)
-    v = _at_least_float32(images)
-    return v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + 1e-8)
+    return l2_normalise_cells(images)
 
   def embed_question(self, tokens):
     """tokens: [n, length] int -> word embeddings e [n, length, embed_dim]."""
@@ -199,11 +185,11 @@ class GlimpseVQA(nn.Module):
     v = v.reshape(n, h * w, d)
     drop = functools.partial(self.dropout, deterministic=deterministic)
     joint = self.attend(drop(v.astype(self.dtype)), drop(q))
-    scores = _at_least_float32(self.glimpse_proj(drop(joint)))  # [n, cells, glimpses]
+    scores = at_least_float32(self.glimpse_proj(drop(joint)))  # [n, cells, glimpses]
     attention = jax.nn.softmax(scores, axis=1).transpose(0, 2, 1)  # [n, glimpses, cells]
-    attention = mask_attention(
-        attention, None if certainty is None else certainty.reshape(n, h * w))
-    pooled = jnp.einsum('ngc,ncd->ngd', attention, _at_least_float32(v)).reshape(n, -1)
+    attention = renormalise(attention, None if certainty is None
+                            else certainty.reshape(n, 1, h * w))
+    pooled = jnp.einsum('ngc,ncd->ngd', attention, at_least_float32(v)).reshape(n, -1)
     hidden = self.fuse(drop(pooled), drop(q))
     logits = self.classifier(drop(hidden))
     sigma2 = variance.sigma2(self.variance, logits, hidden, self.variance_input, detach_variance,
@@ -254,5 +240,5 @@ class MLB(GlimpseVQA):
             * jnp.tanh(self.attention_question(q))[:, None])
 
   def fuse(self, pooled, q):
-    return _at_least_float32(jnp.tanh(self.joint_image(pooled))
+    return at_least_float32(jnp.tanh(self.joint_image(pooled))
                              * jnp.tanh(self.joint_question(q)))

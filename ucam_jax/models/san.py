@@ -7,10 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ucam_jax.models import stem, variance
-
-
-def _at_least_float32(x):
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+from ucam_jax.models.common import at_least_float32, renormalise
 
 
 class AttentionHop(nn.Module):
@@ -29,11 +26,8 @@ class AttentionHop(nn.Module):
                  + nn.Dense(self.dim, dtype=self.dtype, name='query')(u)[:, None])
     # No bias on the score: softmax ignores it, so its gradient would be pure round-off.
     score = nn.Dense(1, use_bias=False, dtype=self.dtype, name='score')(h)[..., 0]
-    attention = jax.nn.softmax(_at_least_float32(score), axis=-1)  # bfloat16 keeps 3 digits.
-    if certainty is not None:
-      masked = attention * certainty
-      total = masked.sum(-1, keepdims=True)
-      attention = jnp.where(total > 0, masked / jnp.where(total > 0, total, 1), attention)
+    attention = jax.nn.softmax(at_least_float32(score), axis=-1)  # bfloat16 keeps 3 digits.
+    attention = renormalise(attention, certainty)
     return u + jnp.einsum('bn,bnd->bd', attention, v), attention
 
 
