@@ -61,9 +61,10 @@ def test_compact_bilinear_is_the_sketched_outer_product():
   sign s_x(i) s_y(j) (Pham & Pagh 2013), computed here with explicit sums."""
   rng = np.random.default_rng(0)
   dx, dy, dim = 5, 7, 16
-  x, y = rng.normal(size=(3, dx)), rng.normal(size=(3, dy))
+  # float32: JAX's default width (float64 inputs would be truncated, with a warning).
+  x, y = rng.normal(size=(3, dx)).astype(np.float32), rng.normal(size=(3, dy)).astype(np.float32)
   hx, hy = rng.integers(0, dim, dx), rng.integers(0, dim, dy)
-  sx, sy = rng.choice([-1.0, 1.0], dx), rng.choice([-1.0, 1.0], dy)
+  sx, sy = (rng.choice(np.float32([-1, 1]), d) for d in (dx, dy))
   want = np.zeros((3, dim))
   for n in range(3):
     np.add.at(want[n], (hx[:, None] + hy[None, :]) % dim,
