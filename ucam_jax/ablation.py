@@ -189,28 +189,24 @@ _SMOKE_RUN = dict(
                    batch_size=4),
     grid_shape=(4, 4, 8))
 _SMOKE_MODEL = dict(embed_dim=8, question_dim=8, attention_dim=8, variance_hidden_dim=4)
+# What every paper preset shares: the config, the two draws and the search's training seed.
+_PAPER_PROTOCOL = dict(search_seed=0, make_config=grounded_shapes_grid.get_config,
+                       validation=dict(_PAPER_RUN, dataset_kwargs=dict(seed=1)),
+                       test=dict(_PAPER_RUN, dataset_kwargs=dict(seed=0)))
+# The smoke presets: the same steps at toy size, one learning rate, two seeds.
+_PAPER_SMOKE = dict(_PAPER_PROTOCOL, seeds=(0, 1), learning_rates=(1e-3,))
 PAPER_PRESETS = {
-    'paper': dict(variants=PAPER_VARIANTS, seeds=(0, 1, 2, 3, 4), search_seed=0,
-                  make_config=grounded_shapes_grid.get_config,
-                  validation=dict(_PAPER_RUN, dataset_kwargs=dict(seed=1)),
-                  test=dict(_PAPER_RUN, dataset_kwargs=dict(seed=0))),
-    # The same steps at toy size: two variants, two settings each, two seeds.
-    'paper_smoke': dict(
-        variants={k: PAPER_VARIANTS[k] for k in ('baseline', 'A-GCA')}, seeds=(0, 1),
-        search_seed=0, learning_rates=(1e-3,), make_config=grounded_shapes_grid.get_config,
-        validation=dict(dataset_kwargs=dict(seed=1)), test=dict(dataset_kwargs=dict(seed=0)),
-        smoke=dict(_SMOKE_RUN, model=dict(_SMOKE_MODEL, classifier_dim=8))),
-    'paper_bilinear': dict(variants=BILINEAR_VARIANTS, claims=protocol.TRANSFER_CLAIMS,
-                           seeds=(0, 1, 2, 3, 4), search_seed=0,
-                           learning_rates=BILINEAR_LEARNING_RATES,
-                           make_config=grounded_shapes_grid.get_config,
-                           validation=dict(_PAPER_RUN, dataset_kwargs=dict(seed=1)),
-                           test=dict(_PAPER_RUN, dataset_kwargs=dict(seed=0))),
-    'paper_bilinear_smoke': dict(
-        variants=BILINEAR_VARIANTS, claims=protocol.TRANSFER_CLAIMS, seeds=(0, 1),
-        search_seed=0, learning_rates=(1e-3,), make_config=grounded_shapes_grid.get_config,
-        validation=dict(dataset_kwargs=dict(seed=1)), test=dict(dataset_kwargs=dict(seed=0)),
-        smoke=dict(_SMOKE_RUN, model=_SMOKE_MODEL)),
+    'paper': dict(_PAPER_PROTOCOL, variants=PAPER_VARIANTS, seeds=(0, 1, 2, 3, 4)),
+    # Two variants, two settings each.
+    'paper_smoke': dict(_PAPER_SMOKE,
+                        variants={k: PAPER_VARIANTS[k] for k in ('baseline', 'A-GCA')},
+                        smoke=dict(_SMOKE_RUN, model=dict(_SMOKE_MODEL, classifier_dim=8))),
+    'paper_bilinear': dict(_PAPER_PROTOCOL, variants=BILINEAR_VARIANTS, seeds=(0, 1, 2, 3, 4),
+                           claims=protocol.TRANSFER_CLAIMS,
+                           learning_rates=BILINEAR_LEARNING_RATES),
+    'paper_bilinear_smoke': dict(_PAPER_SMOKE, variants=BILINEAR_VARIANTS,
+                                 claims=protocol.TRANSFER_CLAIMS,
+                                 smoke=dict(_SMOKE_RUN, model=_SMOKE_MODEL)),
 }
 PRESETS.update({name: dict(seeds=spec['seeds'], variants=spec['variants'], datasets={})
                 for name, spec in PAPER_PRESETS.items()})
