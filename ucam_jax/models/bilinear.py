@@ -241,4 +241,4 @@ class MLB(GlimpseVQA):
 
   def fuse(self, pooled, q):
     return at_least_float32(jnp.tanh(self.joint_image(pooled))
-                             * jnp.tanh(self.joint_question(q)))
+                            * jnp.tanh(self.joint_question(q)))
